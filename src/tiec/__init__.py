@@ -1,0 +1,14 @@
+"""tiec: training-free acceleration of diffusion sampling by encoder propagation and TIEC.
+
+Example:
+    >>> import tiec
+    >>> with tiec.apply(pipe, tiec.EncoderPropagationConfig(estimator="extrapolate")) as handle:
+    ...     image = pipe("a photo of a bag").images[0]
+"""
+
+from . import schedules
+from .api import Handle, apply
+from .propagation import EncoderPropagationConfig
+
+__version__ = "0.1.0"
+__all__ = ["EncoderPropagationConfig", "Handle", "apply", "schedules", "__version__"]

@@ -1,0 +1,138 @@
+"""``tiec.apply``: put one or more acceleration configs on a diffusers pipeline or UNet, and take them off."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from ._part import Part
+from ._patch import call_observers, patch_owners
+from .propagation import EncoderPropagation, EncoderPropagationConfig
+
+
+def _registry() -> dict[type, type[Part]]:
+    return {EncoderPropagationConfig: EncoderPropagation}
+
+
+def _split_target(target: Any) -> tuple[torch.nn.Module, Any | None]:
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(target, UNet2DConditionModel):
+        return target, None
+    unet = getattr(target, "unet", None)
+    if isinstance(unet, UNet2DConditionModel) and hasattr(target, "scheduler"):
+        return unet, target
+    raise TypeError(f"tiec.apply expects a diffusers UNet2DConditionModel or a pipeline holding one as .unet "
+                    f"(with a .scheduler), got {type(target).__name__}")
+
+
+def applied_parts(unet: torch.nn.Module, pipe: Any | None = None) -> list[Part]:
+    """Every active tiec part on ``unet`` (and ``pipe``), found from the patches themselves."""
+    found: list[Part] = []
+    for module in unet.modules():
+        for owner in patch_owners(module):
+            if owner not in found:
+                found.append(owner)
+    if pipe is not None:
+        found += [o for o in call_observers(pipe) if o not in found]
+    return [p for p in found if isinstance(p, Part) and p.active]
+
+
+class Handle:
+    """What ``tiec.apply`` returns: the applied methods, their counters, and the way to remove them.
+
+    Example:
+        >>> with tiec.apply(pipe, tiec.EncoderPropagationConfig()) as handle:
+        ...     image = pipe("a cat").images[0]
+        >>> handle.stats["encoder_runs"]
+        9
+    """
+
+    def __init__(self, target: Any, parts: list[Part]):
+        self.target, self.parts = target, parts
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """Counters of the last pipeline call (or bare-UNet run), summed over the applied methods."""
+        merged: dict[str, int] = {}
+        for part in self.parts:
+            for key, value in part.stats.items():
+                merged[key] = max(merged.get(key, 0), value) if key == "unet_calls" else merged.get(key, 0) + value
+        return merged
+
+    @property
+    def configs(self) -> tuple[Any, ...]:
+        return tuple(part.config for part in self.parts)
+
+    def start_run(self, num_steps: int) -> None:
+        """Begin a sampling loop of ``num_steps`` steps; needed before each loop of a bare UNet only.
+
+        Example:
+            >>> handle = tiec.apply(unet, tiec.EncoderPropagationConfig(key_steps="every:2"))
+            >>> handle.start_run(len(scheduler.timesteps))
+        """
+        for part in self.parts:
+            part.start_run(num_steps)
+
+    def remove(self) -> None:
+        """Take every method of this handle off; the model is then exactly as before ``apply``."""
+        for part in reversed(self.parts):
+            part.detach()
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.configs)
+
+    def __repr__(self) -> str:
+        return f"Handle({', '.join(repr(c) for c in self.configs)})"
+
+
+def apply(target: Any, *configs: Any) -> Handle:
+    """Apply acceleration configs to a diffusers pipeline (or a bare ``UNet2DConditionModel``).
+
+    A config of a type already applied replaces the earlier one (whose handle then removes nothing);
+    configs of different types compose. Encoder propagation and DeepCache both cache UNet features and
+    cannot be combined.
+
+    Example:
+        >>> handle = tiec.apply(pipe, tiec.EncoderPropagationConfig(estimator="extrapolate"))
+        >>> images = pipe(prompt, num_inference_steps=50).images
+        >>> handle.remove()
+    """
+    registry = _registry()
+    if not configs:
+        raise ValueError(f"tiec.apply needs at least one config, one of {[c.__name__ for c in registry]}")
+    for config in configs:
+        if type(config) not in registry:
+            raise TypeError(f"tiec.apply got {type(config).__name__}; expected one of "
+                            f"{[c.__name__ for c in registry]}")
+    types = [type(c) for c in configs]
+    if len(set(types)) != len(types):
+        raise ValueError(f"tiec.apply got two configs of the same type: {[t.__name__ for t in types]}")
+    unet, pipe = _split_target(target)
+    existing = applied_parts(unet, pipe)
+    replaced = [p for p in existing if type(p.config) in types]
+    kinds = set(types) | {type(p.config) for p in existing if p not in replaced}
+    names = {t.__name__ for t in kinds}
+    if {"EncoderPropagationConfig", "DeepCacheConfig"} <= names:
+        raise ValueError("EncoderPropagationConfig and DeepCacheConfig cannot be combined: both cache UNet "
+                         "features, in conflicting ways; apply one of them (remove the other first)")
+    for part in replaced:
+        part.detach()
+    parts: list[Part] = []
+    try:
+        for config in configs:
+            part = registry[type(config)](config, unet, pipe)
+            part.install()
+            parts.append(part)
+    except BaseException:
+        for part in reversed(parts):
+            part.detach()
+        raise
+    return Handle(target, parts)

@@ -1,0 +1,83 @@
+"""TIEC feature estimators: what a non-key step decodes from. Pure functions on tuples of tensors.
+
+``F`` is the tuple of encoder features of one step (every skip feature and the mid-block output).
+Timesteps decrease along the loop (``t1 > t2 > t_s`` for the last two key steps and the step being
+estimated). Each estimator is a function of the same shape: features and timesteps in, features out.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Features = tuple[torch.Tensor, ...]
+ESTIMATORS = ("reuse", "extrapolate", "interpolate")
+
+
+def line_weight(t_a: float, t_b: float, t: float) -> float:
+    """The weight ``w`` of ``F(t_a)`` in ``w*F(t_a) + (1-w)*F(t_b)``, linear in ``t``: 1 at ``t_a``, 0 at ``t_b``.
+
+    Example:
+        >>> line_weight(900.0, 800.0, 700.0)   # one interval beyond t_b: extrapolation
+        -1.0
+    """
+    if t_a == t_b:
+        raise ValueError(f"line_weight needs two distinct timesteps, got t_a = t_b = {t_a}")
+    return (t_b - t) / (t_b - t_a)
+
+
+def blend(f_a: Sequence[torch.Tensor], f_b: Sequence[torch.Tensor], w: float) -> Features:
+    """``w*f_a + (1-w)*f_b`` for every tensor; ``w`` = 0 or 1 gives one side back exactly."""
+    return tuple(torch.add(b * (1.0 - w), a, alpha=w) for a, b in zip(f_a, f_b))
+
+
+def reuse(f_last: Sequence[torch.Tensor]) -> Features:
+    """FasterDiffusion encoder propagation (Li et al., 2023): the last key step's features, unchanged."""
+    return tuple(f_last)
+
+
+def extrapolate(f1: Sequence[torch.Tensor], f2: Sequence[torch.Tensor], t1: float, t2: float, t_s: float) -> Features:
+    """TIEC extrapolation: the line in ``t`` through the last two key steps ``(t1, f1)``, ``(t2, f2)`` at ``t_s``.
+
+    ``w = (t2 - t_s) / (t2 - t1)``, negative beyond ``t2``. Causal: uses only steps already run.
+
+    Example:
+        >>> extrapolate((torch.tensor(1.0),), (torch.tensor(2.0),), 900.0, 800.0, 700.0)
+        (tensor(3.),)
+    """
+    return blend(f1, f2, line_weight(t1, t2, t_s))
+
+
+def interpolate(f_cur: Sequence[torch.Tensor], f_next: Sequence[torch.Tensor], t_cur: float, t_next: float,
+                t_s: float) -> Features:
+    """TIEC interpolation: the line in ``t`` between the current key step and the (predicted) next one.
+
+    Example:
+        >>> interpolate((torch.tensor(0.0),), (torch.tensor(4.0),), 800.0, 400.0, 700.0)
+        (tensor(1.),)
+    """
+    return blend(f_cur, f_next, line_weight(t_cur, t_next, t_s))
+
+
+def ddim_jump(sample: torch.Tensor, model_output: torch.Tensor, alpha_prod_t: float, alpha_prod_next: float,
+              prediction_type: str = "epsilon") -> torch.Tensor:
+    """One deterministic DDIM step (Song et al., 2021) from a variance-preserving ``x_t`` to ``x_next``.
+
+    Example:
+        >>> x_next = ddim_jump(x_t, eps, 0.5, 0.8)
+    """
+    a_t, a_n = torch.tensor(alpha_prod_t, dtype=torch.float64), torch.tensor(alpha_prod_next, dtype=torch.float64)
+    sqrt_a, sqrt_1ma = a_t.sqrt().item(), (1 - a_t).sqrt().item()
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - sqrt_1ma * eps) / sqrt_a
+    elif prediction_type == "v_prediction":
+        x0 = sqrt_a * sample - sqrt_1ma * model_output
+        eps = sqrt_a * model_output + sqrt_1ma * sample
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - sqrt_a * x0) / sqrt_1ma
+    else:
+        raise ValueError(f"prediction_type={prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
+    return a_n.sqrt().item() * x0 + (1 - a_n).sqrt().item() * eps

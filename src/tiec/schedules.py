@@ -1,0 +1,99 @@
+"""Key-step schedules: which steps of the sampling loop run the full UNet (encoder included).
+
+A *step* is one UNet call of the denoising loop, indexed over the timesteps the pipeline actually
+iterates. Step 0 is always a key step. Specs:
+
+- a list of step indices, strictly increasing, starting at 0;
+- ``"all"``: every step is a key step (encoder propagation off; outputs are exactly the plain ones);
+- ``"faster-diffusion"``: the FasterDiffusion paper's non-uniform set, exactly
+  ``(0, 1, 2, 3, 5, 10, 15, 25, 35)`` at 50 steps. At ``n`` steps each index ``k`` becomes
+  ``floor(k * n / 50 + 1/2)`` (clipped to ``n - 1``, duplicates dropped): the same fractions of
+  the loop, dense at the start where features change fastest;
+- ``"uniform:K"``: K key steps spread evenly, step ``floor(i * n / K)`` for ``i < K`` (``K <= n``);
+- ``"every:N"``: every N-th step, ``0, N, 2N, ...``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+KeyStepSpec = Union[str, Sequence[int]]
+
+FASTER_DIFFUSION_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+SPEC_HELP = ("a list of step indices starting at 0, 'all', 'faster-diffusion', 'uniform:K' (K >= 1) "
+             "or 'every:N' (N >= 1)")
+
+
+def _parse_count(spec: str, prefix: str) -> int:
+    text = spec[len(prefix):]
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"key_steps={spec!r}: {text!r} is not an integer; expected {SPEC_HELP}") from None
+    if value < 1:
+        raise ValueError(f"key_steps={spec!r}: the count must be >= 1; expected {SPEC_HELP}")
+    return value
+
+
+def validate(spec: KeyStepSpec) -> KeyStepSpec:
+    """Check a spec without knowing the loop length; returns it normalised (lists become tuples).
+
+    Example:
+        >>> validate([0, 2, 5])
+        (0, 2, 5)
+    """
+    if isinstance(spec, str):
+        if spec in ("all", "faster-diffusion"):
+            return spec
+        for prefix in ("uniform:", "every:"):
+            if spec.startswith(prefix):
+                _parse_count(spec, prefix)
+                return spec
+        raise ValueError(f"key_steps={spec!r} is not a known schedule; expected {SPEC_HELP}")
+    try:
+        steps = tuple(spec)
+    except TypeError:
+        raise ValueError(f"key_steps={spec!r} is neither a string nor a list; expected {SPEC_HELP}") from None
+    if not steps:
+        raise ValueError(f"key_steps={list(steps)} is empty; expected {SPEC_HELP}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise ValueError(f"key_steps={list(steps)} holds non-integers; expected {SPEC_HELP}")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"key_steps={list(steps)} holds duplicates; expected {SPEC_HELP}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"key_steps={list(steps)} is not sorted in increasing order; expected {SPEC_HELP}")
+    if steps[0] != 0:
+        raise ValueError(f"key_steps={list(steps)} does not start with step 0 (step 0 is always a key step); "
+                         f"expected {SPEC_HELP}")
+    return steps
+
+
+def resolve(spec: KeyStepSpec, num_steps: int) -> tuple[int, ...]:
+    """The key steps of a loop of ``num_steps`` UNet calls, as a sorted tuple starting with 0.
+
+    Example:
+        >>> resolve("faster-diffusion", 50)
+        (0, 1, 2, 3, 5, 10, 15, 25, 35)
+        >>> resolve("uniform:5", 20)
+        (0, 4, 8, 12, 16)
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be a positive integer")
+    spec = validate(spec)
+    if spec == "all":
+        return tuple(range(num_steps))
+    if spec == "faster-diffusion":
+        return tuple(sorted({min(num_steps - 1, math.floor(k * num_steps / 50 + 0.5)) for k in FASTER_DIFFUSION_50}))
+    if isinstance(spec, str) and spec.startswith("uniform:"):
+        count = _parse_count(spec, "uniform:")
+        if count > num_steps:
+            raise ValueError(f"key_steps={spec!r} asks for {count} key steps in a loop of {num_steps} steps; "
+                             f"use at most uniform:{num_steps}")
+        return tuple(i * num_steps // count for i in range(count))
+    if isinstance(spec, str):
+        return tuple(range(0, num_steps, _parse_count(spec, "every:")))
+    if spec[-1] >= num_steps:
+        raise ValueError(f"key_steps={list(spec)} has step {spec[-1]}, out of range for a loop of {num_steps} "
+                         f"steps (valid: 0..{num_steps - 1})")
+    return spec

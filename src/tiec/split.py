@@ -1,0 +1,126 @@
+"""The encoder/decoder split of a diffusers ``UNet2DConditionModel``, through patches on its parts.
+
+The encoder is ``conv_in``, the ``down_blocks`` and the ``mid_block``; its features ``F`` are the
+output of ``conv_in``, every skip output of every down block, and the mid-block output, in that
+order (exactly what the up blocks read). The UNet's own ``forward`` is never copied: the patches
+either pass through, capture copies of what the parts return, or replace the parts' outputs by given
+features without computing them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._part import Part
+
+Features = tuple[torch.Tensor, ...]
+
+
+class EncoderDone(Exception):
+    """Raised after the last encoder part in ``encode`` mode: the decoder is not needed."""
+
+
+class EncoderSplit:
+    """Patches ``conv_in``, ``down_blocks`` and ``mid_block`` of ``unet`` on behalf of ``part``.
+
+    Modes: ``None`` (plain), ``"capture"`` (run and record F), ``"encode"`` (run the encoder only,
+    record F), ``"skip"`` (return the given F, compute nothing).
+    """
+
+    def __init__(self, part: Part, unet: torch.nn.Module):
+        self.mode: str | None = None
+        self._features: list[torch.Tensor] = []
+        self._given: Sequence[torch.Tensor] = ()
+        self.has_mid = unet.mid_block is not None
+        offset, self.down_slices = 1, []
+        for block in unet.down_blocks:
+            count = len(block.resnets) + (len(block.downsamplers) if getattr(block, "downsamplers", None) else 0)
+            self.down_slices.append(slice(offset, offset + count))
+            offset += count
+        self.num_features = offset + (1 if self.has_mid else 0)
+        part.patch(unet.conv_in, "forward", self._conv_in)
+        for index, block in enumerate(unet.down_blocks):
+            part.patch(block, "forward", self._down_block(index, last=index == len(unet.down_blocks) - 1))
+        if self.has_mid:
+            part.patch(unet.mid_block, "forward", self._mid_block)
+
+    # -- the three ways to run the UNet ------------------------------------------------------
+    def capture(self, call: Callable[[], Any]) -> tuple[Any, Features]:
+        """Run ``call()`` (a full UNet call) and return its output with the encoder features it computed."""
+        self._enter("capture")
+        try:
+            out = call()
+            return out, self._check(tuple(self._features))
+        finally:
+            self._leave()
+
+    def encode(self, call: Callable[[], Any]) -> Features:
+        """Run only the encoder part of ``call()`` and return its features."""
+        self._enter("encode")
+        try:
+            try:
+                call()
+            except EncoderDone:
+                pass
+            return self._check(tuple(self._features))
+        finally:
+            self._leave()
+
+    def decode(self, call: Callable[[], Any], features: Sequence[torch.Tensor]) -> Any:
+        """Run ``call()`` with the encoder skipped: its parts return ``features`` instead."""
+        if len(features) != self.num_features:
+            raise ValueError(f"expected {self.num_features} feature tensors, got {len(features)}")
+        self._enter("skip")
+        self._given = features
+        try:
+            return call()
+        finally:
+            self._leave()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _enter(self, mode: str) -> None:
+        if self.mode is not None:
+            raise RuntimeError(f"encoder split re-entered in mode {mode!r} while in mode {self.mode!r}")
+        self.mode, self._features = mode, []
+
+    def _leave(self) -> None:
+        self.mode, self._features, self._given = None, [], ()
+
+    def _check(self, features: Features) -> Features:
+        if len(features) != self.num_features:
+            raise RuntimeError(f"the UNet's encoder produced {len(features)} features, expected "
+                               f"{self.num_features}; this UNet layout is not supported")
+        return features
+
+    def _conv_in(self, inner, *args, **kwargs):
+        if self.mode == "skip":
+            return self._given[0]
+        out = inner(*args, **kwargs)
+        if self.mode is not None:
+            self._features.append(out.clone())
+        return out
+
+    def _down_block(self, index: int, last: bool):
+        def forward(inner, *args, **kwargs):
+            if self.mode == "skip":
+                res = tuple(self._given[self.down_slices[index]])
+                return res[-1], res
+            hidden, res = inner(*args, **kwargs)
+            if self.mode is not None:
+                self._features.extend(r.clone() for r in res)
+                if self.mode == "encode" and last and not self.has_mid:
+                    raise EncoderDone
+            return hidden, res
+        return forward
+
+    def _mid_block(self, inner, *args, **kwargs):
+        if self.mode == "skip":
+            return self._given[-1]
+        out = inner(*args, **kwargs)
+        if self.mode is not None:
+            self._features.append(out.clone())
+            if self.mode == "encode":
+                raise EncoderDone
+        return out
