@@ -59,7 +59,8 @@ def tiny_controlnet(unet, seed: int = 0):
     torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
     # from_unet zero-initialises the output convolutions; random ones make the control visible in the images
-    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                 controlnet.controlnet_cond_embedding.conv_out]:
         torch.nn.init.normal_(conv.weight, std=0.05)
     return controlnet
 

@@ -1,0 +1,106 @@
+"""The TIEC estimators as pure functions, and in the pipeline."""
+
+import numpy as np
+import pytest
+import torch
+
+import tiec
+from conftest import make_pipe, run
+from tiec import estimators as E
+
+
+def linear_features(t, a, b):
+    return tuple(x + y * t for x, y in zip(a, b))
+
+
+@pytest.fixture
+def ab():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 4, 8, 8), (2, 8, 4, 4), (2, 8, 2, 2)]
+    return ([torch.randn(s, generator=g, dtype=torch.float64) for s in shapes],
+            [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes])
+
+
+@pytest.mark.parametrize("t_s", [700.0, 650.5, 420.0, 1.0])
+def test_extrapolate_reproduces_features_linear_in_t(ab, t_s):
+    a, b = ab
+    f1, f2 = linear_features(900.0, a, b), linear_features(780.0, a, b)
+    for got, want in zip(E.extrapolate(f1, f2, 900.0, 780.0, t_s), linear_features(t_s, a, b)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("t_s", [799.0, 700.0, 601.0])
+def test_interpolate_reproduces_features_linear_in_t(ab, t_s):
+    a, b = ab
+    fc, fn = linear_features(800.0, a, b), linear_features(600.0, a, b)
+    for got, want in zip(E.interpolate(fc, fn, 800.0, 600.0, t_s), linear_features(t_s, a, b)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+def test_exactly_representable_case_is_exact():
+    f1, f2 = (torch.tensor([1.0, -2.0]),), (torch.tensor([3.0, 2.0]),)
+    assert torch.equal(E.extrapolate(f1, f2, 800.0, 600.0, 400.0)[0], torch.tensor([5.0, 6.0]))
+    assert torch.equal(E.interpolate(f1, f2, 800.0, 600.0, 700.0)[0], torch.tensor([2.0, 0.0]))
+
+
+def test_constant_features_make_every_estimator_reuse(ab):
+    a, _ = ab
+    a32 = tuple(x.float() for x in a)
+    for out in (E.extrapolate(a32, a32, 900.0, 700.0, 512.0), E.interpolate(a32, a32, 700.0, 300.0, 512.0)):
+        for got, want in zip(out, E.reuse(a32)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_at_key_steps_give_key_features_back(ab):
+    a, b = ab
+    assert E.line_weight(900.0, 700.0, 900.0) == 1.0 and E.line_weight(900.0, 700.0, 700.0) == 0.0
+    for got, want in zip(E.extrapolate(a, b, 900.0, 700.0, 700.0), b):
+        assert torch.equal(got, want)
+    for got, want in zip(E.extrapolate(a, b, 900.0, 700.0, 900.0), a):
+        assert torch.equal(got, want)
+    for got, want in zip(E.interpolate(a, b, 900.0, 700.0, 900.0), a):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="distinct"):
+        E.line_weight(5.0, 5.0, 1.0)
+
+
+def test_ddim_jump_is_exact_for_consistent_inputs():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    a_t, a_n = 0.3, 0.7
+    x_t = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps
+    want = a_n ** 0.5 * x0 + (1 - a_n) ** 0.5 * eps
+    torch.testing.assert_close(E.ddim_jump(x_t, eps, a_t, a_n), want)
+    v = a_t ** 0.5 * eps - (1 - a_t) ** 0.5 * x0
+    torch.testing.assert_close(E.ddim_jump(x_t, v, a_t, a_n, "v_prediction"), want)
+    torch.testing.assert_close(E.ddim_jump(x_t, x0, a_t, a_n, "sample"), want)
+    with pytest.raises(ValueError, match="prediction_type"):
+        E.ddim_jump(x_t, eps, a_t, a_n, "flow")
+
+
+@pytest.fixture(scope="module")
+def sd_results():
+    pipe = make_pipe("sd")
+    out = {"plain": run(pipe, "sd", steps=50)}
+    for estimator in E.ESTIMATORS:
+        for parallel in (False, True):
+            with tiec.apply(pipe, tiec.EncoderPropagationConfig(estimator=estimator, parallel=parallel)) as h:
+                out[estimator, parallel] = run(pipe, "sd", steps=50)
+            out[estimator, parallel, "stats"] = dict(h.stats)
+    return out
+
+
+def test_estimators_differ_from_reuse_and_parallel_matches_serial(sd_results):
+    reuse = sd_results["reuse", True]
+    for estimator in ("extrapolate", "interpolate"):
+        assert np.abs(sd_results[estimator, True] - reuse).max() > 1e-3
+    for estimator in E.ESTIMATORS:
+        assert np.abs(sd_results[estimator, True] - sd_results[estimator, False]).max() < 1e-4
+
+
+def test_interpolate_counts_its_look_ahead_encoders(sd_results):
+    stats = sd_results["interpolate", True, "stats"]
+    # FD key steps 0,1,2,3,5,10,15,25,35: a look-ahead for each interval with steps inside and a next key step
+    assert stats["lookahead_runs"] == 5
+    assert stats["encoder_runs"] == 9 + 5 and 10 <= stats["encoder_runs"] <= 18
+    assert sd_results["extrapolate", True, "stats"]["encoder_runs"] == 9
