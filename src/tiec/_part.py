@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -58,3 +59,26 @@ class Part:
 
     def new_stats(self) -> dict[str, int]:
         return {}
+
+
+def timestep_value(timestep: Any) -> float:
+    """The timestep of one UNet call as a Python float (a device sync when it lives on a GPU)."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0].item())
+    return float(timestep)
+
+
+def loop_timeline(scheduler: Any, first_timestep: Any) -> list[float]:
+    """The timesteps a pipeline call iterates, found once at its first UNet call.
+
+    The loop may start later than ``scheduler.timesteps`` does (img2img's shortened schedule): it runs
+    from the first occurrence of its first timestep to the end. One device sync per call, none per step.
+    """
+    timeline = [float(t) for t in scheduler.timesteps.tolist()]
+    first = timestep_value(first_timestep)
+    start = next((i for i, t in enumerate(timeline) if abs(t - first) <= 1e-4 * max(1.0, abs(t))), None)
+    if start is None:
+        warnings.warn(f"tiec: the first timestep {first} of this call is not in scheduler.timesteps; "
+                      f"counting the loop from the scheduler's first step")
+        start = 0
+    return timeline[start:]

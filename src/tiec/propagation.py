@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import estimators, schedules
-from ._part import Part
+from ._part import Part, loop_timeline, timestep_value
 from ._tree import tile_batch, tree_clone
 from .split import EncoderSplit, Features
 
@@ -66,13 +65,6 @@ class EncoderPropagationConfig:
             raise ValueError(f"noise_injection={self.noise_injection!r} must be a finite number >= 0")
         if not isinstance(self.noise_injection_tau, (int, float)) or not math.isfinite(self.noise_injection_tau):
             raise ValueError(f"noise_injection_tau={self.noise_injection_tau!r} must be a finite number")
-
-
-def timestep_value(timestep: Any) -> float:
-    """The timestep of one UNet call as a Python float (a device sync when it lives on a GPU)."""
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.reshape(-1)[0].item())
-    return float(timestep)
 
 
 class _Run:
@@ -167,15 +159,8 @@ class EncoderPropagation(Part):
     def _current_run(self, timestep: Any) -> _Run | None:
         if self._pending:
             self._pending = False
-            scheduler = self.pipe.scheduler
-            timeline = [float(t) for t in scheduler.timesteps.tolist()]
-            first = timestep_value(timestep)
-            start = next((i for i, t in enumerate(timeline) if abs(t - first) <= 1e-4 * max(1.0, abs(t))), None)
-            if start is None:
-                warnings.warn(f"tiec: the first timestep {first} of this call is not in scheduler.timesteps; "
-                              f"counting the loop from the scheduler's first step")
-                start = 0
-            self._run = _Run(self.config, len(timeline) - start, timeline[start:])
+            timeline = loop_timeline(self.pipe.scheduler, timestep)
+            self._run = _Run(self.config, len(timeline), timeline)
         return self._run
 
     # -- ControlNet -----------------------------------------------------------------------------
