@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _flops(args: argparse.Namespace) -> int:
@@ -46,6 +47,65 @@ def _train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+METHODS = ("full", "reuse", "extrapolate", "interpolate")
+
+
+def image_grid(images: list, columns: int | None = None):
+    """Paste PIL images (all the same size) into one grid image, row-major."""
+    from PIL import Image
+
+    columns = columns or min(len(images), 8)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import EncoderPropagationConfig, apply
+
+    if args.num_images < 1:
+        raise ValueError(f"--num-images={args.num_images} must be >= 1")
+    if args.model == "demo":
+        from .demo import load_pipeline, parse_prompt
+
+        parse_prompt(args.prompt)  # unknown prompts fail before the model loads
+        pipe = load_pipeline(device=args.device if args.device != "auto" else None)
+        guidance = args.guidance if args.guidance is not None else 3.0
+    else:
+        from diffusers import DiffusionPipeline
+
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--model={args.model!r} is neither 'demo' nor a local diffusers pipeline folder")
+        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe.to(device)
+        guidance = args.guidance if args.guidance is not None else 7.5
+    handle = None
+    if args.method != "full":
+        handle = apply(pipe, EncoderPropagationConfig(key_steps=args.key_steps, estimator=args.method,
+                                                      parallel=not args.serial,
+                                                      noise_injection=args.noise_injection))
+    try:
+        generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+        images = pipe([args.prompt] * args.num_images, num_inference_steps=args.steps, guidance_scale=guidance,
+                      generator=generators).images
+        stats = dict(handle.stats) if handle is not None else None
+    finally:
+        if handle is not None:
+            handle.remove()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (images[0] if len(images) == 1 else image_grid(images)).save(out)
+    print(f"wrote {out} ({len(images)} image(s), {args.method}, {args.steps} steps"
+          + (f", encoder runs {stats['encoder_runs']}/{stats['unet_calls']})" if stats else ")"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiec", description="Training-free acceleration of diffusion sampling: "
                                      "encoder propagation (FasterDiffusion) and TIEC feature estimation.")
@@ -57,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimators", default="reuse,extrapolate")
     p.add_argument("--resolution", type=int, default=512)
     p.set_defaults(func=_flops)
+
+    p = sub.add_parser("generate", help="generate images with the demo model (or a local SD folder)")
+    p.add_argument("--prompt", required=True, help="demo model: a class name such as 'sneaker'")
+    p.add_argument("--method", choices=METHODS, default="extrapolate")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--key-steps", default="faster-diffusion")
+    p.add_argument("--serial", action="store_true", help="decode non-key steps one by one")
+    p.add_argument("--noise-injection", type=float, default=0.0)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--model", default="demo", help="'demo' or a local diffusers Stable Diffusion folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="tiec-generate.png")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("train-demo", help="train the demo Fashion-MNIST UNet (or, with --classifier, its classifier)")
     p.add_argument("--steps", type=int, default=8000)

@@ -192,7 +192,11 @@ def load_pipeline(device: str | torch.device | None = None, dtype: torch.dtype |
     pipe.unet.load_state_dict({k: v.float() for k, v in unet_state.items()})
     pipe.embedder.load_state_dict({k: v.float() for k, v in embedder_state.items()})
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device or "cpu", dtype=dtype or torch.float32)
+    pipe.to(device or "cpu")
+    if dtype is not None:
+        pipe.unet.to(dtype=dtype)
+        pipe.embedder.to(dtype=dtype)
+    return pipe
 
 
 class Classifier(torch.nn.Module):
