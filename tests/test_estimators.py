@@ -104,3 +104,38 @@ def test_interpolate_counts_its_look_ahead_encoders(sd_results):
     assert stats["lookahead_runs"] == 5
     assert stats["encoder_runs"] == 9 + 5 and 10 <= stats["encoder_runs"] <= 18
     assert sd_results["extrapolate", True, "stats"]["encoder_runs"] == 9
+
+
+def test_max_extrapolation_bounds_the_negative_weight():
+    f1, f2 = (torch.tensor([0.0]),), (torch.tensor([1.0]),)
+    assert torch.equal(E.extrapolate(f1, f2, 900.0, 800.0, 500.0)[0], torch.tensor([4.0]))  # w = -3
+    assert torch.equal(E.extrapolate(f1, f2, 900.0, 800.0, 500.0, max_extrapolation=1.0)[0], torch.tensor([2.0]))
+    assert torch.equal(E.extrapolate(f1, f2, 900.0, 800.0, 500.0, max_extrapolation=0.0)[0], torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("field, value", [("blend_space", "sigma"), ("max_extrapolation", -1.0),
+                                          ("max_extrapolation", "big")])
+def test_blend_options_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiec.EncoderPropagationConfig(**{field: value})
+
+
+def test_blend_spaces_run_and_differ():
+    pipe = make_pipe("sd")
+    out = {}
+    for space in ("t", "log-snr", "step"):
+        with tiec.apply(pipe, tiec.EncoderPropagationConfig(key_steps="uniform:4", estimator="extrapolate",
+                                                            blend_space=space)):
+            out[space] = run(pipe, "sd", steps=12)
+    with tiec.apply(pipe, tiec.EncoderPropagationConfig(key_steps="uniform:4", estimator="extrapolate",
+                                                        max_extrapolation=0.0)):
+        clamped = run(pipe, "sd", steps=12)
+    with tiec.apply(pipe, tiec.EncoderPropagationConfig(key_steps="uniform:4")):
+        reuse = run(pipe, "sd", steps=12)
+    assert np.array_equal(clamped, reuse)  # a zero bound turns extrapolation into reuse exactly
+    assert not np.array_equal(out["t"], out["log-snr"])
+    # DDIM's timesteps are evenly spaced, so t is an affine function of the step index and the weights agree
+    # (IEEE division rounds both ratios of integers to the same float)
+    assert np.array_equal(out["t"], out["step"])
+    with pytest.raises(ValueError, match="log-snr"):
+        tiec.apply(pipe.unet, tiec.EncoderPropagationConfig(blend_space="log-snr"))

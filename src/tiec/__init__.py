@@ -8,7 +8,10 @@ Example:
 
 from . import schedules
 from .api import Handle, apply
+from .deepcache import DeepCacheConfig
 from .propagation import EncoderPropagationConfig
+from .tome import TokenMergingConfig
 
 __version__ = "0.1.0"
-__all__ = ["EncoderPropagationConfig", "Handle", "apply", "schedules", "__version__"]
+__all__ = ["DeepCacheConfig", "EncoderPropagationConfig", "Handle", "TokenMergingConfig", "apply", "schedules",
+           "__version__"]

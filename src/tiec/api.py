@@ -8,11 +8,14 @@ import torch
 
 from ._part import Part
 from ._patch import call_observers, patch_owners
+from .deepcache import DeepCache, DeepCacheConfig
 from .propagation import EncoderPropagation, EncoderPropagationConfig
+from .tome import TokenMerging, TokenMergingConfig
 
 
 def _registry() -> dict[type, type[Part]]:
-    return {EncoderPropagationConfig: EncoderPropagation}
+    return {EncoderPropagationConfig: EncoderPropagation, TokenMergingConfig: TokenMerging,
+            DeepCacheConfig: DeepCache}
 
 
 def _split_target(target: Any) -> tuple[torch.nn.Module, Any | None]:

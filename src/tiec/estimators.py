@@ -37,16 +37,21 @@ def reuse(f_last: Sequence[torch.Tensor]) -> Features:
     return tuple(f_last)
 
 
-def extrapolate(f1: Sequence[torch.Tensor], f2: Sequence[torch.Tensor], t1: float, t2: float, t_s: float) -> Features:
+def extrapolate(f1: Sequence[torch.Tensor], f2: Sequence[torch.Tensor], t1: float, t2: float, t_s: float,
+                max_extrapolation: float | None = None) -> Features:
     """TIEC extrapolation: the line in ``t`` through the last two key steps ``(t1, f1)``, ``(t2, f2)`` at ``t_s``.
 
     ``w = (t2 - t_s) / (t2 - t1)``, negative beyond ``t2``. Causal: uses only steps already run.
+    ``max_extrapolation`` (optional) bounds the weight from below: ``w >= -max_extrapolation``.
 
     Example:
         >>> extrapolate((torch.tensor(1.0),), (torch.tensor(2.0),), 900.0, 800.0, 700.0)
         (tensor(3.),)
     """
-    return blend(f1, f2, line_weight(t1, t2, t_s))
+    w = line_weight(t1, t2, t_s)
+    if max_extrapolation is not None:
+        w = max(w, -max_extrapolation)
+    return blend(f1, f2, w)
 
 
 def interpolate(f_cur: Sequence[torch.Tensor], f_next: Sequence[torch.Tensor], t_cur: float, t_next: float,

@@ -22,6 +22,9 @@ from ._tree import tile_batch, tree_clone
 from .split import EncoderSplit, Features
 
 
+BLEND_SPACES = ("t", "log-snr", "step")
+
+
 @dataclass(frozen=True)
 class EncoderPropagationConfig:
     """Encoder propagation and TIEC feature estimation.
@@ -39,6 +42,11 @@ class EncoderPropagationConfig:
         noise_injection: prior noise injection weight ``w``: from the first step with ``t < tau`` on,
             ``w * z_T`` is added to the latent before each step. FasterDiffusion uses 0.003. Default 0 (off).
         noise_injection_tau: the timestep ``tau`` below which noise is injected. Default 500.
+        blend_space: the coordinate in which the estimators are linear: ``"t"`` (the timestep, as the
+            seed defines them; default), ``"log-snr"`` (log of alpha_bar / (1 - alpha_bar) of the
+            scheduler; needs a pipeline) or ``"step"`` (the step index).
+        max_extrapolation: bound on the magnitude of the negative weight of ``extrapolate`` (None: no
+            bound). Smaller values stay closer to ``reuse`` far from the last key step.
 
     Example:
         >>> cfg = EncoderPropagationConfig(key_steps="uniform:5", estimator="extrapolate")
@@ -50,6 +58,8 @@ class EncoderPropagationConfig:
     max_parallel: int | None = None
     noise_injection: float = 0.0
     noise_injection_tau: float = 500
+    blend_space: str = "t"
+    max_extrapolation: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "key_steps", schedules.validate(self.key_steps))
@@ -65,6 +75,11 @@ class EncoderPropagationConfig:
             raise ValueError(f"noise_injection={self.noise_injection!r} must be a finite number >= 0")
         if not isinstance(self.noise_injection_tau, (int, float)) or not math.isfinite(self.noise_injection_tau):
             raise ValueError(f"noise_injection_tau={self.noise_injection_tau!r} must be a finite number")
+        if self.blend_space not in BLEND_SPACES:
+            raise ValueError(f"blend_space={self.blend_space!r} is not known; use one of {list(BLEND_SPACES)}")
+        if self.max_extrapolation is not None and (not isinstance(self.max_extrapolation, (int, float))
+                                                   or not self.max_extrapolation >= 0):
+            raise ValueError(f"max_extrapolation={self.max_extrapolation!r} must be None or a number >= 0")
 
 
 class _Run:
@@ -76,7 +91,7 @@ class _Run:
         self.key_set = frozenset(self.key_steps)
         self.step = -1
         self.opened_by_controlnet = False
-        self.key_times: dict[int, float] = {}
+        self.key_coords: dict[int, float] = {}  # key step -> its coordinate in the blend space
         self.features: dict[int, Features] = {}      # the last two key steps
         self.predicted: dict[int, Features] = {}     # look-ahead features of the next key step, by key step
         self.queue: dict[int, tuple[float, torch.Tensor]] = {}
@@ -101,8 +116,8 @@ class _Run:
     def time(self, step: int) -> float | None:
         return self.timesteps[step] if self.timesteps is not None else None
 
-    def store(self, step: int, t: float, features: Features) -> None:
-        self.key_times[step] = t
+    def store(self, step: int, coord: float, features: Features) -> None:
+        self.key_coords[step] = coord
         self.features[step] = features
         for old in sorted(self.features)[:-2]:
             del self.features[old]
@@ -118,6 +133,9 @@ class EncoderPropagation(Part):
         if self.pipe is None and self.config.estimator == "interpolate":
             raise ValueError("estimator='interpolate' needs a pipeline (its scheduler predicts the next key "
                              "latent); apply it to the pipeline rather than to the bare UNet")
+        if self.pipe is None and self.config.blend_space == "log-snr":
+            raise ValueError("blend_space='log-snr' needs a pipeline (its scheduler's alphas_cumprod); "
+                             "apply it to the pipeline rather than to the bare UNet")
         super().install()
         self._run: _Run | None = None
         self._pending = False
@@ -206,7 +224,7 @@ class EncoderPropagation(Part):
 
     def _key_step(self, inner, run: _Run, step: int, t: float, call: dict) -> Any:
         out, features = self.split.capture(lambda: inner(**call))
-        run.store(step, t, features)
+        run.store(step, self._coord(step, t), features)
         run.queue.clear()
         self.stats["encoder_runs"] += 1
         self.stats["decoder_runs"] += 1
@@ -252,18 +270,30 @@ class EncoderPropagation(Part):
             run.queue[s] = (run.timesteps[s], o)
         return outs[0]
 
+    def _coord(self, step: int, t: float) -> float:
+        """The position of a step on the axis along which the estimators are linear."""
+        space = self.config.blend_space
+        if space == "t":
+            return t
+        if space == "step":
+            return float(step)
+        alpha = _alpha_at(self.pipe.scheduler.alphas_cumprod, t)
+        return math.log(alpha / (1.0 - alpha))
+
     def _estimate(self, run: _Run, step: int, t: float) -> Features:
         """The features step ``step`` (at timestep ``t``) decodes from, by the configured estimator."""
         key = run.last_key(step)
         current = run.features[key]
         estimator = self.config.estimator
+        here = self._coord(step, t)
         if estimator == "interpolate" and key in run.predicted:
             next_key = run.next_key(step)
-            return estimators.interpolate(current, run.predicted[key], run.key_times[key], run.time(next_key), t)
+            return estimators.interpolate(current, run.predicted[key], run.key_coords[key],
+                                          self._coord(next_key, run.time(next_key)), here)
         if estimator in ("extrapolate", "interpolate") and len(run.features) == 2:
             previous = min(run.features)
-            return estimators.extrapolate(run.features[previous], current, run.key_times[previous],
-                                          run.key_times[key], t)
+            return estimators.extrapolate(run.features[previous], current, run.key_coords[previous],
+                                          run.key_coords[key], here, self.config.max_extrapolation)
         return estimators.reuse(current)
 
     def _look_ahead(self, inner, run: _Run, t: float, t_next: float, model_output: torch.Tensor,
