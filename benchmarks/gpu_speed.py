@@ -10,10 +10,12 @@ row; the others still run. Results are written as markdown (``--out``) after eve
 is stopped early still leaves what it measured.
 
 Examples:
-    python benchmarks/gpu_speed.py                              # both models, batch 1 and 4, on CUDA
-    python benchmarks/gpu_speed.py --models sd15 --batches 1    # the quickest check of the SD1.5 target
-    python benchmarks/gpu_speed.py --compile                    # also every method under torch.compile
-    python benchmarks/gpu_speed.py --tiny --steps 4 --repeats 1 --out /tmp/speed.md   # CPU smoke test
+    python benchmarks/gpu_speed.py                               # everything: both models, batch 1 and 4
+    python benchmarks/gpu_speed.py --models sd15                 # the same in pieces, one report:
+    python benchmarks/gpu_speed.py --models sdxl --batches 1 --append
+    python benchmarks/gpu_speed.py --models sdxl --batches 4 --append
+    python benchmarks/gpu_speed.py --models sd15 --batches 1 --compile --append   # torch.compile too
+    python benchmarks/gpu_speed.py --tiny --threads 1 --steps 4 --key-steps 0,1 --repeats 1   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,7 +43,8 @@ import torch
 import tiec
 
 MARKER = "<!-- written by benchmarks/gpu_speed.py -->"
-DEFAULT_OUT = "docs/results/gpu_speed.md"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "gpu_speed.md"
+TINY_OUT = Path(tempfile.gettempdir()) / "gpu_speed_tiny.md"  # the smoke test never replaces the GPU results
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -119,8 +123,10 @@ def build_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype, se
 
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: seconds, not minutes, for 2.6 B parameters
-        unet = UNet2DConditionModel(**spec.unet_config).to(dtype).eval()
-        vae = AutoencoderKL(**spec.vae_config).to(dtype).eval()
+        unet = UNet2DConditionModel(**spec.unet_config).eval()
+        vae = AutoencoderKL(**spec.vae_config).eval()
+    if dtype != torch.float32:
+        unet, vae = unet.to(dtype), vae.to(dtype)
     scheduler = DDIMScheduler(**SD_SCHEDULER)
     if spec.xl:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
@@ -194,7 +200,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            propagation=True),
 )}
 
-# (model, batch, method, at most this fraction of plain, description); ratios of medians, end to end.
+# (model, batch, method, reference method, largest allowed ratio of medians, description): end to end, eager.
 TARGETS = (
     ("sd15", 1, "reuse-parallel", "plain", 0.30, "SD1.5 512 px batch 1: reuse parallel <= 0.30x plain"),
     ("sd15", 1, "extrapolate", "reuse-parallel", 1.02, "SD1.5 512 px batch 1: extrapolate within 2% of reuse parallel"),
@@ -289,22 +295,59 @@ class Table:
     batch: int
     compiled: bool
     rows: list = field(default_factory=list)
+    note: str = ""
 
     def row(self, method: str) -> Row | None:
         return next((r for r in self.rows if r.method == method), None)
 
 
-def _dynamo_counts() -> tuple[int | None, int | None]:
+def _dynamo_counts(clear: bool = False) -> tuple[int | None, int | None]:
+    """Graphs compiled and graph breaks since the last clear (torch's private counters; None if they moved)."""
     try:
         from torch._dynamo.utils import counters
+        if clear:
+            counters.clear()
         return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
-    except Exception:  # private API: report nothing rather than fail the run
+    except Exception:
         return None, None
+
+
+def timed_call(pipe, make_inputs: Callable[[], dict], sync: Callable[[], None]) -> float:
+    """Seconds of one whole pipeline call, the device synchronised before and after."""
+    sync()
+    start = time.perf_counter()
+    pipe(**make_inputs())
+    sync()
+    return time.perf_counter() - start
+
+
+def _time_method(row: Row, pipe, make_inputs: Callable[[], dict], args: argparse.Namespace,
+                 sync: Callable[[], None], compiled: bool, handle: Any) -> None:
+    """Warm up, time ``args.repeats`` calls, then measure the UNet share in ``args.unet_repeats`` more."""
+    for i in range(max(args.warmup, 2 if compiled else 1)):
+        seconds = timed_call(pipe, make_inputs, sync)
+        if i == 0:
+            row.first_call_s = seconds
+    if compiled:
+        row.graphs, row.graph_breaks = _dynamo_counts()
+    row.times = [timed_call(pipe, make_inputs, sync) for _ in range(args.repeats)]
+    row.stats = dict(handle.stats) if handle is not None else {}
+    if not args.unet_repeats:
+        return
+    with UNetTimer(pipe.unet, sync) as timer:
+        if compiled:
+            pipe(**make_inputs())  # the class swap is a new dynamo guard: recompile outside the measured calls
+        for _ in range(args.unet_repeats):
+            timer.reset()
+            total = timed_call(pipe, make_inputs, sync)
+            row.unet_seconds.append(timer.seconds)
+            row.unet_shares.append(timer.seconds / total)
+            row.unet_calls = timer.calls
 
 
 def measure(pipe, method: Method, make_inputs: Callable[[], dict], args: argparse.Namespace,
             device: torch.device, compiled: bool, eager: Row | None) -> Row:
-    """Apply ``method``, warm up, time ``args.repeats`` calls, then the UNet share in separate calls; remove it."""
+    """Apply ``method``, time it, remove it; any failure becomes the row's status instead of an exception."""
     row = Row(method.name)
     try:
         configs = method.build(args)
@@ -315,52 +358,20 @@ def measure(pipe, method: Method, make_inputs: Callable[[], dict], args: argpars
         row.status = f"FAILED building the config: {type(e).__name__}: {e}"
         return row
     row.configs = ", ".join(repr(c) for c in configs) or "none"
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     before = fingerprint(pipe)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     if compiled:
-        torch._dynamo.reset()  # each method compiles from scratch, its compilation inside its own warm-up
-        try:
-            torch._dynamo.utils.counters.clear()
-        except Exception:
-            pass
+        torch._dynamo.reset()  # each method compiles from scratch, inside its own warm-up
+        _dynamo_counts(clear=True)
     handle = None
     try:
         handle = tiec.apply(pipe, *configs) if configs else None
         with torch.inference_mode():
-            for i in range(max(args.warmup, 2 if compiled else 1)):
-                sync()
-                start = time.perf_counter()
-                pipe(**make_inputs())
-                sync()
-                if i == 0:
-                    row.first_call_s = time.perf_counter() - start
-            if compiled:
-                row.graphs, row.graph_breaks = _dynamo_counts()
-            for _ in range(args.repeats):
-                sync()
-                start = time.perf_counter()
-                pipe(**make_inputs())
-                sync()
-                row.times.append(time.perf_counter() - start)
-            row.stats = dict(handle.stats) if handle is not None else {}
-            if args.unet_repeats:
-                with UNetTimer(pipe.unet, sync) as timer:
-                    if compiled:
-                        pipe(**make_inputs())  # the class swap is a new guard: recompile outside the timed calls
-                    for _ in range(args.unet_repeats):
-                        timer.reset()
-                        sync()
-                        start = time.perf_counter()
-                        pipe(**make_inputs())
-                        sync()
-                        total = time.perf_counter() - start
-                        row.unet_seconds.append(timer.seconds)
-                        row.unet_shares.append(timer.seconds / total)
-                        row.unet_calls = timer.calls
+            _time_method(row, pipe, make_inputs, args, sync, compiled, handle)
     except Exception as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         row.status = f"FAILED: {type(e).__name__}: {message[:300]}"
@@ -376,16 +387,28 @@ def measure(pipe, method: Method, make_inputs: Callable[[], dict], args: argpars
             torch.cuda.empty_cache()
     if fingerprint(pipe) != before:
         row.notes.append("WARNING: the pipeline/UNet differs from before tiec.apply after handle.remove()")
-    if not row.stats and row.ok and not configs and row.unet_calls is not None:
-        # plain: every UNet call runs the whole UNet
-        row.stats = {"unet_calls": row.unet_calls, "encoder_runs": row.unet_calls, "decoder_runs": row.unet_calls}
-    if row.ok and handle is not None and row.unet_calls is not None and "unet_calls" in row.stats \
-            and row.stats["unet_calls"] != row.unet_calls:
-        row.notes.append(f"stats['unet_calls']={row.stats['unet_calls']} but the pipeline made {row.unet_calls}")
-    if compiled and row.ok and eager is not None and eager.ok:
-        same = {k: v for k, v in row.stats.items() if eager.stats.get(k) != v}
-        row.notes.append("counters match eager" if not same else f"counters differ from eager: {same}")
+    _annotate(row, method, bool(configs), compiled, eager)
     return row
+
+
+def _annotate(row: Row, method: Method, applied: bool, compiled: bool, eager: Row | None) -> None:
+    """Fill plain's counters and add notes: counter mismatches, extra counters, agreement with eager."""
+    if not row.ok:
+        return
+    encoders = row.stats.get("encoder_runs")
+    if method.propagation and encoders is not None and row.unet_calls is not None and encoders >= row.unet_calls:
+        row.notes.append("no encoder skipped: every step is a key step at this step count (see --key-steps)")
+    if not applied and row.unet_calls is not None:  # plain: every UNet call runs the whole UNet
+        row.stats = {"unet_calls": row.unet_calls, "encoder_runs": row.unet_calls, "decoder_runs": row.unet_calls}
+    if applied and row.unet_calls is not None and row.stats.get("unet_calls", row.unet_calls) != row.unet_calls:
+        row.notes.append(f"stats['unet_calls']={row.stats['unet_calls']} but the pipeline made {row.unet_calls}")
+    columns, rarely_used = ("unet_calls", "encoder_runs", "decoder_runs"), ("lookahead_runs", "controlnet_runs")
+    extra = {k: v for k, v in row.stats.items() if k not in columns and (v or k not in rarely_used)}
+    if extra:
+        row.notes.append(", ".join(f"{k}={v}" for k, v in extra.items()))
+    if compiled and eager is not None and eager.ok:
+        differ = {k: v for k, v in row.stats.items() if eager.stats.get(k) != v}
+        row.notes.append("counters match eager" if not differ else f"counters differ from eager: {differ}")
 
 
 # -- reporting -----------------------------------------------------------------------------------------
@@ -398,8 +421,9 @@ def _cell(text: str) -> str:
 
 
 def table_markdown(table: Table, device: torch.device) -> list[str]:
+    """One table as markdown lines: a heading, the compile note if any, one row per method."""
     compiled = " — `pipe.unet` under torch.compile" if table.compiled else ""
-    lines = [f"### {table.title}, batch {table.batch}{compiled}", ""]
+    lines = [f"### {table.title}, batch {table.batch}{compiled}", ""] + ([table.note, ""] if table.note else [])
     head = ["method", "median s", "vs plain", "min s", "max s", "UNet s", "UNet share", "peak GiB",
             "UNet calls", "encoder runs", "decoder runs"]
     if table.compiled:
@@ -412,7 +436,8 @@ def table_markdown(table: Table, device: torch.device) -> list[str]:
                  _fmt(max(r.times, default=None), ".3f"),
                  _fmt(statistics.median(r.unet_seconds) if r.unet_seconds else None, ".3f"),
                  _fmt(statistics.median(r.unet_shares) if r.unet_shares else None, ".1%"), mem,
-                 _fmt(r.unet_calls, "d"), _fmt(r.stats.get("encoder_runs"), "d"), _fmt(r.stats.get("decoder_runs"), "d")]
+                 _fmt(r.unet_calls, "d"), _fmt(r.stats.get("encoder_runs"), "d"),
+                 _fmt(r.stats.get("decoder_runs"), "d")]
         if table.compiled:
             cells += [_fmt(r.ratio_eager_plain, ".3f"), _fmt(r.first_call_s, ".2f"), _fmt(r.graphs, "d"),
                       _fmt(r.graph_breaks, "d")]
@@ -422,12 +447,14 @@ def table_markdown(table: Table, device: torch.device) -> list[str]:
 
 
 def evaluate_targets(tables: list[Table], args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The speed targets with PASS/FAIL, from the eager tables; only for the setting they are defined in."""
     lines = ["## Targets", ""]
-    if device.type != "cuda" or args.tiny or args.steps != 50 or args.key_steps != "faster-diffusion":
+    if device.type != "cuda" or args.tiny or args.dtype != "float16" or args.steps != 50 \
+            or args.key_steps != "faster-diffusion":
         lines += ["Not evaluated: the targets are for the full-size fp16 models on CUDA, DDIM 50 steps, "
                   "FasterDiffusion key steps (this run: "
-                  f"{'tiny models' if args.tiny else 'full-size models'} on {device.type}, {args.steps} steps, "
-                  f"key steps {args.key_steps})."]
+                  f"{'tiny models' if args.tiny else 'full-size models'} in {args.dtype} on {device.type}, "
+                  f"{args.steps} steps, key steps {args.key_steps})."]
         for *_, text in TARGETS:
             lines.append(f"- {text}")
         return lines + [""]
@@ -447,11 +474,12 @@ def evaluate_targets(tables: list[Table], args: argparse.Namespace, device: torc
 
 
 def environment(device: torch.device) -> dict[str, str]:
+    """Device, library versions and the tiec commit, for the report's header."""
     import diffusers
 
     env = {"device": (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
                       if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, "
-                                                     f"{torch.get_num_threads()} threads)"),
+                                                     f"torch threads: {torch.get_num_threads()})"),
            "torch": torch.__version__, "diffusers": diffusers.__version__, "tiec": tiec.__version__,
            "python": platform.python_version()}
     try:
@@ -469,7 +497,8 @@ def environment(device: torch.device) -> dict[str, str]:
 
 def render(tables: list[Table], args: argparse.Namespace, device: torch.device, command: str,
            env: dict[str, str], started: str, complete: bool) -> str:
-    dtype = "fp16" if args.dtype == "float16" else "fp32"
+    """The markdown section of this run: command, environment, what is measured, one table each, targets."""
+    dtype = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[args.dtype]
     lines = [MARKER, f"## Run of {started}", ""]
     if not complete:
         lines += ["**Incomplete: the run was still going (or was stopped) when this file was written.**", ""]
@@ -479,9 +508,9 @@ def render(tables: list[Table], args: argparse.Namespace, device: torch.device, 
         f"random-weight UNets and VAEs in {dtype}, stock diffusers pipelines, prompt embeddings given directly "
         f"(77 tokens), DDIM {args.steps} steps, classifier-free guidance on (SD1.5 7.5, SDXL 5.0), "
         f"`output_type=\"np\"` (VAE decode included), key steps `{args.key_steps}`, max_parallel {args.max_parallel}.",
-        f"- Timing: {max(args.warmup, 1)} warm-up call(s) (2 under torch.compile), then the median of "
-        f"{args.repeats} whole pipeline calls, device synchronised before and after each; `vs plain` is the ratio "
-        f"of medians against the plain row of the same table, measured in this run.",
+        f"- Timing: {max(args.warmup, 1)} warm-up call(s) ({max(args.warmup, 2)} under torch.compile), then the "
+        f"median of {args.repeats} whole pipeline calls, device synchronised before and after each; `vs plain` is "
+        f"the ratio of medians against the plain row of the same table, measured in this run.",
         f"- UNet s / UNet share: wall time inside the `pipe.unet(...)` calls (device synchronised at entry and exit "
         f"of each call) and its share of the whole call, median over {args.unet_repeats} further calls made only for "
         f"this, so the extra synchronisations do not touch the timings above. With encoder propagation it includes "
@@ -490,9 +519,9 @@ def render(tables: list[Table], args: argparse.Namespace, device: torch.device, 
         "- peak GiB: `torch.cuda.max_memory_allocated`, reset before each method (model weights included).",
         "- UNet calls: counted calls of `pipe.unet` per pipeline call; encoder/decoder runs: `handle.stats` of the "
         "last call (for plain, every call runs both).",
-        "- Methods: " + "; ".join(f"`{name}`" + (f" = `{row.configs}`" if row.configs else "")
-                                  for name, row in _method_configs(tables).items()),
-        ""]
+        "- Methods (tiec configs applied):"]
+    lines += [f"  - `{name}`: `{row.configs or '-'}`" for name, row in _method_configs(tables).items()]
+    lines.append("")
     for table in tables:
         lines += table_markdown(table, device)
     if complete:
@@ -550,7 +579,8 @@ def _batches(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=_csv(("sd15", "sdxl"), "--models"), default=["sd15", "sdxl"],
                    help="comma-separated: sd15, sdxl (default both)")
     p.add_argument("--batches", type=_batches, default=[1, 4], help="images per prompt batch (default 1,4)")
@@ -561,17 +591,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder propagation key steps: a schedule name or indices like 0,1 (default faster-diffusion)")
     p.add_argument("--max-parallel", type=int, default=None, help="cap on batched decoder steps (default none)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per method; the median is reported (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per method first (default 1; 2 when compiled)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls per method first (default 1; at least 1 is made, 2 when compiled)")
     p.add_argument("--unet-repeats", type=int, default=2,
                    help="further calls measuring the time inside the UNet (default 2; 0: skip)")
     p.add_argument("--compile", action="store_true", help="also run every method with pipe.unet.compile()")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (default none)")
     p.add_argument("--tiny", action="store_true", help="tiny models in fp32 at 32 px: a CPU smoke test of this script")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for this run (default: unchanged); 1 avoids oversubscribing a busy CPU")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="default float16 on CUDA, float32 on CPU or with --tiny")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"markdown report (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=None, help=f"markdown report (default docs/results/gpu_speed.md of this "
+                                                f"repository; with --tiny, {TINY_OUT})")
     p.add_argument("--append", action="store_true",
                    help="add this run's report to --out if it holds earlier results of this script (else replace it)")
     p.add_argument("--json", default=None, help="also write the measurements as JSON here")
@@ -605,12 +639,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"gpu_speed.py: error: --key-steps: {e}", file=sys.stderr)
         return 2
-    methods = [METHODS["plain"]] + [METHODS[m] for m in args.methods if m != "plain"]
-
+    if args.threads is not None and args.threads < 1:
+        print(f"gpu_speed.py: error: --threads={args.threads} must be >= 1", file=sys.stderr)
+        return 2
     command = "python benchmarks/gpu_speed.py" + "".join(" " + shlex.quote(a) for a in argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args, device, dtype, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, command: str) -> int:
+    """Every model, batch and method of ``args``; writes the report as it goes. 0 if every plain baseline ran."""
+    methods = [METHODS["plain"]] + [METHODS[m] for m in args.methods if m != "plain"]
     env = environment(device)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (TINY_OUT if args.tiny else DEFAULT_OUT)
     prefix = ""
     if out.exists():
         old = out.read_text()
@@ -633,11 +680,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe = build_pipeline(spec, device, dtype)
         eager_tables: dict[int, Table] = {}
         for compiled in ((False, True) if args.compile else (False,)):
+            compile_note = ""
             if compiled:
+                kwargs = {"backend": args.compile_backend, **({"mode": args.compile_mode} if args.compile_mode else {})}
+                call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+                compile_note = (f"Compiled in place with `pipe.unet.compile({call})`, then tiec applied on top. "
+                                f"{wrapper_form_check(pipe, kwargs)}")
                 try:
-                    kwargs = {"backend": args.compile_backend}
-                    if args.compile_mode:
-                        kwargs["mode"] = args.compile_mode
                     pipe.unet.compile(**kwargs)
                 except Exception as e:
                     print(f"torch.compile unavailable: {type(e).__name__}: {e}", file=sys.stderr)
@@ -645,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for batch in args.batches:
                 latent = spec.resolution // 2 ** (len(spec.vae_config["block_out_channels"]) - 1)
                 title = f"{spec.title}, {spec.resolution} px ({latent}x{latent} latents)"
-                table = Table(key, title, batch, compiled)
+                table = Table(key, title, batch, compiled, note=compile_note)
                 tables.append(table)
                 if not compiled:
                     eager_tables[batch] = table
@@ -672,6 +721,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"written: {out}" + (f" and {args.json}" if args.json else ""))
     plain_ok = all(t.row("plain") is not None and t.row("plain").ok for t in tables if not t.compiled)
     return 0 if tables and plain_ok else 1
+
+
+def wrapper_form_check(pipe, kwargs: dict) -> str:
+    """Whether ``tiec.apply`` accepts a pipeline whose UNet is the ``torch.compile(pipe.unet)`` wrapper."""
+    original = pipe.unet
+    try:
+        pipe.unet = torch.compile(original, **kwargs)  # wraps only: nothing compiles until it is called
+        tiec.apply(pipe, tiec.EncoderPropagationConfig()).remove()
+        verdict = "accepted"
+    except Exception as e:
+        verdict = f"rejected ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    finally:
+        pipe.unet = original
+    return f"The wrapper form `pipe.unet = torch.compile(pipe.unet)`: tiec.apply {verdict}."
 
 
 def _fill_ratios(table: Table, eager_table: Table | None) -> None:
