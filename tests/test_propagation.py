@@ -202,3 +202,9 @@ def test_bad_targets_and_configs():
         tiec.apply(tiny_unet())
     with pytest.raises(ValueError, match="interpolate"):
         tiec.apply(tiny_unet(), FD(estimator="interpolate"))
+
+
+def test_torch_compile_wrapper_gets_a_helpful_error():
+    unet = tiny_unet()
+    with pytest.raises(TypeError, match="compile in place"):
+        tiec.apply(torch.compile(unet), FD())
