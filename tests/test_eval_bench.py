@@ -1,0 +1,327 @@
+"""The bench runner: method/schedule parsing, prompts, crash-safe results, sharding, end-to-end runs and the report."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tiec.eval import bench as B
+from tiec.eval import methods as M
+from tiec.eval.dist import Dist, merge, shard
+from tiec.eval.prompts import cycle, load_prompts
+from tiec.eval.report import gap_recovery, pareto_front
+from tiec.eval.results import append_row, read_rows
+
+
+class FakeFeatures:
+    """A cheap stand-in for the FID network: a few pixel statistics per image."""
+
+    name = "fake-pixel-stats-v1"
+
+    def __call__(self, images):
+        rows = []
+        for im in images:
+            x = np.asarray(im, np.float64) / 255.0
+            rows.append([x.mean(), x.std(), x[: x.shape[0] // 2].mean(), x[:, : x.shape[1] // 2].mean(),
+                         (x > 0.5).mean()])
+        return np.array(rows)
+
+
+def tiny_demo_pipeline(seed: int = 0):
+    """The demo pipeline class with a much smaller UNet (same code paths, milliseconds per step)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from tiec.demo.model import SCHEDULER_CONFIG, ClassEmbedder, FashionPipeline
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=32, in_channels=1, out_channels=1, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8)
+    pipe = FashionPipeline(unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG), embedder=ClassEmbedder(dim=16))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+    from tiec.demo.data import write_idx
+
+    folder = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 40))
+    return folder
+
+
+def settings(tmp_path, fmnist_dir, **over):
+    base = dict(model="tiny", methods="full,reuse,extrapolate,interpolate", schedules="ddim4:uniform:2",
+                num_images=4, batch_size=2, out=str(tmp_path / "out"), data_dir=str(fmnist_dir),
+                cache_dir=str(tmp_path / "cache"), grid_columns=3)
+    base.update(over)
+    return B.BenchSettings.create(**base)
+
+
+# -- methods, schedules, prompts --------------------------------------------------------------------
+
+def test_method_names_parse_and_bad_ones_are_named():
+    assert M.parse_method("tome+reuse").name == "reuse+tome"
+    assert M.parse_method("extrapolate+noise").noise
+    assert [m.name for m in M.parse_methods("reuse,full,reuse")] == ["full", "reuse"]
+    for bad, match in [("warp", "unknown part"), ("full+tome", "combines with nothing"),
+                       ("noise", "needs an estimator"), ("reuse+deepcache", "cannot be combined"),
+                       ("reuse+extrapolate", "several estimators")]:
+        with pytest.raises(ValueError, match=match):
+            M.parse_method(bad)
+
+
+def test_noise_methods_carry_the_injection_weight():
+    (config,) = M.build_configs(M.parse_method("reuse+noise"), "uniform:5", noise_injection=0.003)
+    assert config.noise_injection == 0.003 and config.estimator == "reuse"
+    (plain,) = M.build_configs(M.parse_method("reuse"), "uniform:5", noise_injection=0.003)
+    assert plain.noise_injection == 0.0
+
+
+def test_missing_peer_configs_give_a_clear_error(monkeypatch):
+    import tiec
+
+    monkeypatch.delattr(tiec, "TokenMergingConfig", raising=False)
+    with pytest.raises(ValueError, match="TokenMergingConfig"):
+        M.build_configs(M.parse_method("reuse+tome"), "uniform:5")
+    with pytest.warns(UserWarning, match="tome"):
+        assert "tome" not in B.BenchSettings.create().methods
+
+
+def test_schedules_parse():
+    s = M.parse_schedule("dpm20:uniform:5")
+    assert (s.sampler, s.num_steps, s.key_steps, s.base) == ("dpm", 20, "uniform:5", "dpm20")
+    assert M.key_steps_of(M.parse_method("reuse"), M.parse_schedule("ddim10:0/3/7")) == [0, 3, 7]
+    assert M.key_steps_of(M.parse_method("full"), s) == list(range(20))
+    for bad, match in [("ddim", "malformed"), ("heun20:uniform:5", "sampler 'heun'"), ("ddim4:uniform:9", "at most")]:
+        with pytest.raises(ValueError, match=match):
+            M.parse_schedule(bad)
+    assert type(M.make_scheduler("dpm", tiny_demo_pipeline().scheduler.config)).__name__ == "DPMSolverMultistepScheduler"
+
+
+def test_quick_settings_and_plan():
+    s = B.BenchSettings.create(quick=True, num_images=12)
+    assert s.methods == M.CORE_METHODS and s.schedules == ("ddim20:uniform:5",) and s.num_images == 12
+    s = B.BenchSettings.create(methods="reuse,tome", schedules="ddim20:uniform:10,ddim20:uniform:5")
+    keys = [item.row_key.split("#")[0] for item in B.plan(s)]
+    # full and tome (no key steps) once per sampler and step count
+    assert keys == ["full@ddim20", "reuse@ddim20:uniform:10", "tome@ddim20", "reuse@ddim20:uniform:5"]
+    with pytest.raises(ValueError, match="num_images"):
+        B.BenchSettings.create(num_images=0)
+
+
+def test_prompts_from_text_and_coco_json(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("a red bus\n\n  a cat  \n")
+    assert load_prompts(text) == ["a red bus", "a cat"]
+    coco = tmp_path / "captions_val2017.json"
+    coco.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1, "caption": "A dog. "},
+                                                              {"image_id": 2, "caption": "Two birds"}]}))
+    assert load_prompts(coco) == ["A dog.", "Two birds"]
+    assert cycle(["x", "y"], 5) == ["x", "y", "x", "y", "x"]
+    (tmp_path / "bad.json").write_text('{"images": []}')
+    with pytest.raises(ValueError, match="annotations"):
+        load_prompts(tmp_path / "bad.json")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+
+
+# -- results file ---------------------------------------------------------------------------------------
+
+def test_results_append_and_corrupt_trailing_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_row(path, {"row_key": "a", "fid": 1.0})
+    append_row(path, {"row_key": "b", "psnr": float("inf")})
+    with open(path, "ab") as f:
+        f.write(b'{"row_key": "c", "fid": 1')  # a torn write
+    with pytest.warns(RuntimeWarning, match=r"results.jsonl: line 3 \(the last line\) is corrupt"):
+        rows = read_rows(path)
+    assert [r["row_key"] for r in rows] == ["a", "b"] and rows[1]["psnr"] == float("inf")
+    append_row(path, {"row_key": "d"})  # starts on a fresh line, the torn one stays alone
+    with pytest.warns(RuntimeWarning, match="line 3"):
+        assert [r["row_key"] for r in read_rows(path)] == ["a", "b", "d"]
+
+
+def test_saved_images_belong_to_their_run(tmp_path):
+    from tiec.eval.results import images_path, load_images, save_images
+
+    path = images_path(tmp_path, "ddim20:uniform:5", "reuse+tome")
+    assert path == tmp_path / "images" / "ddim20-uniform-5" / "reuse+tome.npy"
+    images = np.arange(12, dtype=np.uint8).reshape(3, 2, 2)
+    save_images(path, images, run_key="A")
+    np.testing.assert_array_equal(load_images(path, "A"), images)
+    assert load_images(path, "B") is None  # another configuration's images are never used
+    assert load_images(tmp_path / "missing.npy", "A") is None
+
+
+# -- sharding -------------------------------------------------------------------------------------------
+
+def test_shard_and_merge_round_trip():
+    n, world = 7, 3
+    parts = [(shard(n, r, world), np.array(shard(n, r, world)) * 10) for r in range(world)]
+    assert sorted(i for idx, _ in parts for i in idx) == list(range(n))
+    np.testing.assert_array_equal(merge(parts, n), np.arange(n) * 10)
+    with pytest.raises(RuntimeError, match="expected each"):
+        merge(parts[:2], n)
+
+
+def test_sharded_generation_equals_single_process():
+    pipe = tiny_demo_pipeline()
+    prompts = cycle(["sneaker", "bag", "dress"], 5)
+    config = M.build_configs(M.parse_method("extrapolate"), "uniform:2")
+    single = B.generate(pipe, config, 4, prompts, range(5), seed=3, batch_size=5, progress=False)
+    parts = [B.generate(pipe, config, 4, prompts, shard(5, r, 2), seed=3, batch_size=2, progress=False)
+             for r in range(2)]
+    merged = merge([(g.indices, g.images) for g in parts], 5)
+    assert np.abs(merged.astype(int) - single.images.astype(int)).max() <= 1  # batch size: float round-off only
+    assert single.gflops_per_image > 0 and single.stats["encoder_runs"] == 2  # key steps 0 and 2
+    assert len(single.seconds_per_image) == 1 and len(parts[0].seconds_per_image) == 1
+
+
+# -- end to end -----------------------------------------------------------------------------------------
+
+def test_bench_end_to_end_resume_and_report(tmp_path, fmnist_dir, monkeypatch):
+    pipe = tiny_demo_pipeline()
+    s = settings(tmp_path, fmnist_dir)
+    rows = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert [r["method"] for r in rows] == ["full", "reuse", "extrapolate", "interpolate"]
+    full, reuse = rows[0], rows[1]
+    for row in rows:
+        for name in ("method", "num_steps", "key_steps", "num_images", "fid", "adherence", "clip_score", "psnr",
+                     "ssim", "s_per_image", "gflops_per_image", "encoder_runs", "decoder_runs", "config",
+                     "torch", "diffusers", "tiec"):
+            assert name in row, name
+        assert row["num_images"] == 4 and row["num_steps"] == 4 and row["clip_score"] is None
+        assert np.isfinite(row["fid"]) and 0 <= row["adherence"] <= 1 and row["s_per_image"] > 0
+    assert full["key_steps"] == [0, 1, 2, 3] and full["psnr"] is None and full["encoder_runs"] == 4
+    assert reuse["key_steps"] == [0, 2] and reuse["encoder_runs"] == 2 and reuse["decoder_runs"] == 4
+    assert rows[3]["encoder_runs"] == 3  # interpolate: key steps 0, 2 and one look-ahead (step 0 -> 2)
+    assert reuse["gflops_per_image"] < full["gflops_per_image"]
+    assert 0 < reuse["ssim"] <= 1 and reuse["psnr"] > 0
+    out = tmp_path / "out"
+    for name in ("results.jsonl", "report.md", "grid.png", "pareto.png", "images/ddim4/full.npy",
+                 "images/ddim4-uniform-2/reuse.npy"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "| full | DDIM 4 | all |" in report and "gap recovered" in report
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+
+    # a rerun with the same arguments generates nothing and keeps every row
+    calls = []
+    original = B.generate
+    monkeypatch.setattr(B, "generate", lambda *a, **k: calls.append(a) or original(*a, **k))
+    again = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert calls == [] and [r["row_key"] for r in again] == [r["row_key"] for r in rows]
+
+    # a torn last line (interrupted write) is reported, ignored, and only that row is redone
+    text = "\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2]
+    (out / "results.jsonl").write_text(text)
+    with pytest.warns(RuntimeWarning, match=r"results.jsonl: line 4 .* corrupt"):
+        redone = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert len(calls) == 1 and [r["method"] for r in redone] == ["full", "reuse", "extrapolate", "interpolate"]
+    assert redone[:3] == rows[:3] and redone[3]["fid"] == pytest.approx(rows[3]["fid"])
+
+    # full's images are needed by the other rows: a lost image file is regenerated, its row kept
+    (out / "images/ddim4/full.npy").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert (out / "images/ddim4/full.npy").is_file()
+
+
+def test_bench_results_do_not_depend_on_batch_size(tmp_path, fmnist_dir):
+    pipe = tiny_demo_pipeline()
+    a = B.run_bench(settings(tmp_path / "a", fmnist_dir, methods="full,reuse", batch_size=4), pipe=pipe,
+                    extractor=FakeFeatures(), progress=False)
+    b = B.run_bench(settings(tmp_path / "b", fmnist_dir, methods="full,reuse", batch_size=1), pipe=pipe,
+                    extractor=FakeFeatures(), progress=False)
+    assert a[0]["run_key"] == b[0]["run_key"]  # batch size is not part of the result's identity
+    for x, y in zip(a, b):
+        assert x["fid"] == pytest.approx(y["fid"], abs=1e-3) and x["adherence"] == y["adherence"]
+
+
+def test_bench_two_fake_processes_merge_like_one(tmp_path, fmnist_dir):
+    """Two ranks run in turn with a shared mailbox stand in for accelerate's gather/broadcast."""
+    pipe = tiny_demo_pipeline()
+    s = settings(tmp_path, fmnist_dir, methods="full,reuse", num_images=3)
+    single = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+
+    shards, answers = [], [FakeFeatures.name, {}, "run", "run"]  # what rank 0 broadcasts, in order
+
+    class Rank1(Dist):
+        def broadcast(self, obj):
+            return answers.pop(0)
+
+        def gather(self, obj):
+            shards.append(obj)
+            return []
+
+    assert B.run_bench(s, pipe=pipe, dist=Rank1(1, 2), progress=False) == []
+    assert answers == [] and [g.indices for g in shards] == [[1], [1]]
+
+    class Rank0(Dist):
+        def gather(self, obj):
+            return [obj, shards.pop(0)]
+
+    s2 = settings(tmp_path / "sharded", fmnist_dir, methods="full,reuse", num_images=3)
+    sharded = B.run_bench(s2, pipe=pipe, extractor=FakeFeatures(), dist=Rank0(0, 2), progress=False)
+    for x, y in zip(single, sharded):
+        assert x["fid"] == pytest.approx(y["fid"], abs=1e-3) and x["adherence"] == y["adherence"]
+        assert y["settings"]["processes"] == 2
+    np.testing.assert_allclose(np.load(tmp_path / "out/images/ddim4/full.npy"),
+                               np.load(tmp_path / "sharded/out/images/ddim4/full.npy"), atol=1)
+
+
+def test_bench_with_the_demo_architecture(tmp_path, fmnist_dir):
+    """The real (random-weight) demo pipeline, DPM-Solver++ and noise injection: a short but complete run."""
+    from tiec.demo.model import build_pipeline
+
+    pipe = build_pipeline(0)
+    s = settings(tmp_path, fmnist_dir, methods="full,reuse+noise", schedules="dpm3:0/2", num_images=2,
+                 noise_injection=0.003)
+    rows = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False, model_fingerprint="demo-random")
+    assert [r["method"] for r in rows] == ["full", "reuse+noise"]
+    assert rows[1]["noise_injection"] == 0.003 and rows[1]["config"][0]["noise_injection"] == 0.003
+    assert rows[1]["sampler"] == "dpm" and rows[1]["key_steps"] == [0, 2]
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # restored after the run
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def _row(method, fid, s, schedule="ddim20:uniform:5"):
+    return {"method": method, "schedule": schedule if method != "full" else "ddim20", "sampler": "ddim",
+            "num_steps": 20, "fid": fid, "s_per_image": s}
+
+
+def test_gap_recovery_including_negative_values():
+    rows = [_row("full", 10.0, 2.0), _row("reuse", 20.0, 1.0), _row("extrapolate", 17.0, 1.01),
+            _row("interpolate", 22.0, 1.2), _row("reuse+noise", 18.0, 1.0), _row("extrapolate+noise", 14.0, 1.0)]
+    gaps = {g["estimator"]: g for g in gap_recovery(rows)}
+    assert gaps["extrapolate"]["recovered"] == pytest.approx(0.3)
+    assert gaps["extrapolate"]["extra_s"] == pytest.approx(0.01)
+    assert gaps["interpolate"]["recovered"] == pytest.approx(-0.2)  # worse than reuse: reported, not hidden
+    assert gaps["extrapolate+noise"]["baseline"] == "reuse+noise"
+    assert gaps["extrapolate+noise"]["recovered"] == pytest.approx(0.5)
+
+
+def test_pareto_front():
+    assert pareto_front([(1, 5), (2, 3), (3, 4), (0.5, 9)]) == [3, 0, 1]
+
+
+def test_cli_bench_parses_and_reports_bad_values(capsys):
+    from tiec.cli import build_parser, main
+
+    args = build_parser().parse_args(["bench", "--quick", "--model", "demo-random", "--num-images", "8"])
+    assert args.quick and args.num_images == 8 and args.func.__name__ == "_bench"
+    assert main(["bench", "--methods", "full,warp", "--out", "/nonexistent/x"]) == 2
+    assert "warp" in capsys.readouterr().err

@@ -1,0 +1,179 @@
+"""Metrics of the evaluation harness: PSNR, SSIM, Frechet distance, the FID network's input convention, caching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from tiec.eval import fid as F
+from tiec.eval.metrics import (SSIM_K1, SSIM_K2, frechet_distance, frechet_distance_to_features, gaussian_stats,
+                               psnr, ssim)
+
+
+# -- PSNR / SSIM -------------------------------------------------------------------------------------
+
+def test_psnr_identical_is_inf_and_constant_offset_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.2, 0.8, size=(3, 16, 16, 1))
+    assert np.all(np.isinf(psnr(a, a)))
+    # an offset of 0.05 everywhere: MSE = 0.0025, PSNR = 10 log10(1 / 0.0025) = 26.0206 dB
+    np.testing.assert_allclose(psnr(a, a + 0.05), 10 * np.log10(1 / 0.0025), rtol=1e-12)
+    # uint8 input is read as x / 255: an offset of 51 levels is 0.2
+    u = np.full((1, 8, 8), 100, np.uint8)
+    np.testing.assert_allclose(psnr(u, u + 51), 10 * np.log10(1 / 0.04), rtol=1e-12)
+
+
+def test_ssim_identical_is_one_and_constant_images_match_the_formula():
+    rng = np.random.default_rng(1)
+    a = rng.random((2, 28, 28))
+    np.testing.assert_allclose(ssim(a, a), 1.0, atol=1e-12)
+    # constant images a, b: variances and covariance vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    x, y = np.full((1, 20, 20), 0.3), np.full((1, 20, 20), 0.7)
+    c1 = SSIM_K1 ** 2
+    np.testing.assert_allclose(ssim(x, y), (2 * 0.3 * 0.7 + c1) / (0.3 ** 2 + 0.7 ** 2 + c1), rtol=1e-10)
+
+
+def test_ssim_matches_a_direct_window_by_window_computation():
+    rng = np.random.default_rng(2)
+    a = rng.random((1, 13, 13))
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    values = []
+    for i in range(3):
+        for j in range(3):
+            x, y = a[0, i:i + 11, j:j + 11], b[0, i:i + 11, j:j + 11]
+            mx, my = (w * x).sum(), (w * y).sum()
+            vx, vy = (w * x * x).sum() - mx ** 2, (w * y * y).sum() - my ** 2
+            cov = (w * x * y).sum() - mx * my
+            values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    np.testing.assert_allclose(ssim(a, b), [np.mean(values)], rtol=1e-10)
+    assert ssim(a, b)[0] < 1.0
+
+
+def test_metrics_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ in shape"):
+        psnr(np.zeros((2, 8, 8)), np.zeros((3, 8, 8)))
+
+
+# -- Frechet distance ---------------------------------------------------------------------------------
+
+def _reference_fd(mu1, s1, mu2, s2):
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    feats = np.random.default_rng(3).normal(size=(300, 32))
+    mu, sigma = gaussian_stats(feats)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_frechet_distance_matches_scipy_reference_and_closed_form():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(400, 24)) @ rng.normal(size=(24, 24))
+    b = rng.normal(1.0, 2.0, size=(400, 24))
+    s_a, s_b = gaussian_stats(a), gaussian_stats(b)
+    np.testing.assert_allclose(frechet_distance(*s_a, *s_b), _reference_fd(*s_a, *s_b), rtol=1e-8)
+    # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
+    mu1, mu2, v1, v2 = np.zeros(3), np.array([1.0, 0, 2]), np.array([1.0, 4, 9]), np.array([4.0, 4, 1])
+    expected = 1 + 4 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_with_singular_covariances_is_finite():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(10, 64)), rng.normal(size=(10, 64))  # 10 samples in 64-d: rank 9 covariances
+    value = frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    assert np.isfinite(value) and value > 0
+
+
+def test_frechet_distance_to_features_is_exact_for_few_samples():
+    rng = np.random.default_rng(8)
+    mu, sigma = gaussian_stats(rng.normal(size=(300, 48)) @ rng.normal(size=(48, 48)))
+    few = rng.normal(0.5, 1.5, size=(12, 48))  # 12 samples in 48-d: a rank-11 covariance
+    mu1, sigma1 = gaussian_stats(few)
+    # independent reference: tr sqrt(S1 S2) = sum sqrt(eig(sqrt(S1) S2 sqrt(S1))), symmetric eigensolvers only
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    lam = np.clip(np.linalg.eigvalsh(root1 @ sigma @ root1), 0, None)
+    expected = ((mu1 - mu) ** 2).sum() + np.trace(sigma1) + np.trace(sigma) - 2 * np.sqrt(lam).sum()
+    assert frechet_distance_to_features(few, mu, sigma) == pytest.approx(expected, rel=1e-8)
+    many = rng.normal(size=(100, 48))  # enough samples: the plain sqrtm path
+    assert frechet_distance_to_features(many, mu, sigma) == pytest.approx(
+        frechet_distance(*gaussian_stats(many), mu, sigma), rel=1e-10)
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="do not match"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# -- the FID network's input convention ---------------------------------------------------------------
+
+def test_inception_input_convention():
+    gray = np.zeros((2, 28, 28), np.uint8)
+    gray[:, :, 14:] = 255
+    x = F.to_inception_input(gray)
+    assert x.shape == (2, 3, 299, 299) and x.dtype == torch.float32
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # gray replicated to RGB
+    assert x.min().item() == -1.0 and x.max().item() == pytest.approx(255 / 128 - 1)  # (x - 128) / 128
+    # floats in [0, 1] are quantised to 8 bits first: the same as their uint8 version
+    assert torch.equal(F.to_inception_input(gray / 255.0), x)
+    assert torch.equal(F.to_inception_input(np.full((1, 4, 4, 1), 0.5)), F.to_inception_input(np.full((1, 4, 4), 128, np.uint8)))
+
+
+def test_tf_bilinear_resize_samples_at_j_times_scale():
+    ramp = torch.arange(28, dtype=torch.float32).view(1, 1, 1, 28).expand(1, 1, 28, 28)
+    out = F.tf_bilinear_resize(ramp)[0, 0, 0]
+    src = np.arange(299) * 28 / 299
+    np.testing.assert_allclose(out.numpy(), np.minimum(src, 27), atol=1e-3)  # edge clamped
+
+
+def test_real_inception_features_on_a_few_images():
+    extractor = F.InceptionFeatures(batch_size=2, progress=False)
+    images = np.random.default_rng(6).integers(0, 256, size=(3, 28, 28, 1), dtype=np.uint8)
+    feats = extractor(images)
+    assert feats.shape == (3, 2048) and np.isfinite(feats).all()
+    assert feats.min() >= 0  # pool features after ReLU
+    assert not np.allclose(feats[0], feats[1])
+    assert "default_1.pt" in extractor.name
+
+
+def test_reference_statistics_are_cached_by_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return gaussian_stats(np.random.default_rng(len(calls)).normal(size=(20, 4)))
+
+    first = F.cached_stats({"data": "a"}, compute, tmp_path)
+    second = F.cached_stats({"data": "a"}, compute, tmp_path)
+    assert len(calls) == 1 and np.array_equal(first[1], second[1])
+    F.cached_stats({"data": "b"}, compute, tmp_path)
+    assert len(calls) == 2
+
+
+def test_fashion_mnist_reference_on_a_small_idx_set(tmp_path):
+    from tiec.demo.data import write_idx
+
+    rng = np.random.default_rng(7)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 30))
+
+    class Fake:
+        name = "fake-mean"
+        calls = 0
+
+        def __call__(self, images):
+            Fake.calls += 1
+            arr = np.asarray(images, np.float64).reshape(len(images), -1)
+            return np.stack([arr.mean(1), arr.std(1), arr[:, :10].mean(1)], 1)
+
+    (mu, sigma), what = F.fashion_mnist_reference(Fake(), count=20, data_dir=tmp_path, cache_dir=tmp_path / "c")
+    assert mu.shape == (3,) and sigma.shape == (3, 3) and "20 images" in what
+    F.fashion_mnist_reference(Fake(), count=20, data_dir=tmp_path, cache_dir=tmp_path / "c")
+    assert Fake.calls == 1  # second time from the cache
