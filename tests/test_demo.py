@@ -146,3 +146,28 @@ def test_generate_cli_rejects_unknown_prompt(capsys):
     assert main(["generate", "--prompt", "spaceship"]) != 0
     err = capsys.readouterr().err
     assert "spaceship" in err and "ankle boot" in err
+
+
+def test_load_pipeline_offline_and_fast(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled by the test")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    start = time.perf_counter()
+    pipe = tiec.demo.load_pipeline()
+    assert time.perf_counter() - start < 30
+    out = pipe(["sneaker", "trouser"], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert out.shape == (2, 28, 28, 1) and np.isfinite(out).all()
+    assert pipe.unet.dtype == torch.float32
+
+
+def test_generate_cli_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = main(["generate", "--prompt", "a photo of a bag", "--steps", "5", "--key-steps", "uniform:2",
+                 "--num-images", "3", "--out", str(out)])
+    assert code == 0
+    assert Image.open(out).size == (3 * 28, 28)
+    assert "encoder runs 2/5" in capsys.readouterr().out
