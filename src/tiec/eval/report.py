@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from .results import images_path, load_images
 
