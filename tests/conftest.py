@@ -117,6 +117,20 @@ def run(pipe, kind: str, **kwargs):
         return pipe(**pipe_inputs(kind, **kwargs)).images
 
 
+def make_demo_pipe(seed: int = 0):
+    """The demo pipeline's architecture with random weights (no trained weights needed)."""
+    from tiec.demo.model import build_pipeline
+    pipe = build_pipeline(seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def demo_sample(pipe, steps: int, prompts=("sneaker", "bag"), seed: int = 0):
+    with torch.no_grad():
+        return pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                    output_type="np").images
+
+
 @pytest.fixture(scope="session")
 def sd_pipe():
     return make_pipe("sd")

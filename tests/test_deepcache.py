@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import demo_sample, make_demo_pipe, make_pipe, run, tiny_unet
 
 import tiec
-from conftest import make_pipe, run, tiny_unet
 from tiec.deepcache import full_steps
 from tiec.flops import build_sd15_unet, loop_flops
 
@@ -120,13 +120,10 @@ def test_other_pipelines(kind):
 
 
 def test_demo_pipeline():
-    from tiec.demo.model import build_pipeline
-    pipe = build_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_demo_pipe()
 
     def sample():
-        return pipe(["sneaker", "bag"], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                    output_type="np").images
+        return demo_sample(pipe, 4)
     plain = sample()
     for branch, schedule in ((0, "uniform"), (2, "non-uniform")):
         with tiec.apply(pipe, DC(cache_interval=2, cache_branch_id=branch, schedule=schedule)) as handle:

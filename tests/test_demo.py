@@ -6,13 +6,19 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import make_demo_pipe
 from PIL import Image
 
 import tiec
 from tiec.cli import main
 from tiec.demo import CLASSES, classify, parse_prompt
-from tiec.demo.data import DEFAULT_DATA_DIR, DataError, load_fashion_mnist, read_idx, write_idx
-from tiec.demo.model import build_pipeline
+from tiec.demo.data import (
+    DEFAULT_DATA_DIR,
+    DataError,
+    load_fashion_mnist,
+    read_idx,
+    write_idx,
+)
 
 
 def write_split(folder, n=12, seed=0, gz=True):
@@ -89,9 +95,7 @@ def test_bad_prompts_list_the_classes(prompt):
 
 @pytest.fixture(scope="module")
 def random_pipe():
-    pipe = build_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return make_demo_pipe(seed=0)
 
 
 def test_pipeline_outputs_shapes_range_and_determinism(random_pipe):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import demo_sample, make_demo_pipe, make_pipe, run, tiny_unet
 
 import tiec
-from conftest import make_pipe, run, tiny_unet
 from tiec.flops import flop_counter
 from tiec.merge import bipartite_soft_matching, grid_partition
 
@@ -145,13 +145,10 @@ def test_sdxl_merges_at_the_second_level():
 
 
 def test_demo_pipeline():
-    from tiec.demo.model import build_pipeline
-    pipe = build_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_demo_pipe()
 
     def sample():
-        return pipe(["sneaker", "bag"], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                    output_type="np").images
+        return demo_sample(pipe, 3)
     plain = sample()
     with tiec.apply(pipe, ToMe(ratio=0.5, max_downsample=2)) as handle:
         out = sample()

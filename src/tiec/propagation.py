@@ -159,6 +159,7 @@ class EncoderPropagation(Part):
         super().begin_call(pipe)
         self._pending = True
         if self.config.noise_injection > 0:
+            self._step_signature = inspect.signature(pipe.scheduler.step)
             self._noise_patch = self.patch(pipe.scheduler, "step", self._scheduler_step)
 
     def end_call(self, pipe: Any) -> None:
@@ -328,10 +329,9 @@ class EncoderPropagation(Part):
     # -- prior noise injection ------------------------------------------------------------------
     def _scheduler_step(self, inner, *args, **kwargs):
         run = self._run
-        bound = inspect.signature(inner).bind(*args, **kwargs)
         if run is None:
             return inner(*args, **kwargs)
-        sample = bound.arguments["sample"]
+        sample = self._step_signature.bind(*args, **kwargs).arguments["sample"]
         if run.z_T is None:
             run.z_T = sample.clone()
         out = inner(*args, **kwargs)
