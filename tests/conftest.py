@@ -117,6 +117,11 @@ def run(pipe, kind: str, **kwargs):
         return pipe(**pipe_inputs(kind, **kwargs)).images
 
 
+def module_attributes(model: torch.nn.Module) -> dict:
+    """Every submodule's instance attributes: equal before apply and after remove when nothing is left behind."""
+    return {name: dict(m.__dict__) for name, m in model.named_modules()}
+
+
 def make_demo_pipe(seed: int = 0):
     """The demo pipeline's architecture with random weights (no trained weights needed)."""
     from tiec.demo.model import build_pipeline

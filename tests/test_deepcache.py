@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import demo_sample, make_demo_pipe, make_pipe, run, tiny_unet
+from conftest import demo_sample, make_demo_pipe, make_pipe, module_attributes, run, tiny_unet
 
 import tiec
 from tiec.deepcache import full_steps
@@ -50,7 +50,7 @@ def test_full_step_schedules():
 
 def test_interval_one_is_bitwise_plain_and_removal_restores(sd_pipe):
     unet = sd_pipe.unet
-    before = {name: dict(m.__dict__) for name, m in unet.named_modules()}
+    before = module_attributes(unet)
     plain = run(sd_pipe, "sd", steps=6)
     with tiec.apply(sd_pipe, DC(cache_interval=1)) as handle:
         assert np.array_equal(run(sd_pipe, "sd", steps=6), plain)
@@ -61,7 +61,7 @@ def test_interval_one_is_bitwise_plain_and_removal_restores(sd_pipe):
     assert dict(handle.stats) == {"unet_calls": 6, "full_steps": 2, "shallow_steps": 4}
     assert not np.array_equal(cached, plain)
     assert np.array_equal(run(sd_pipe, "sd", steps=6), plain)
-    assert {name: dict(m.__dict__) for name, m in unet.named_modules()} == before
+    assert module_attributes(unet) == before
 
 
 @pytest.mark.parametrize("branch", [0, 1])

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import SCHEDULERS, make_pipe, module_attributes, run, tiny_unet
 
 import tiec
-from conftest import SCHEDULERS, make_pipe, run, tiny_unet
 
 KINDS = ("sd", "sdxl", "img2img", "controlnet")
 FD = tiec.EncoderPropagationConfig  # FasterDiffusion key steps by default
@@ -101,7 +101,7 @@ def test_max_parallel_splits_groups(pipes):
 def test_remove_and_apply_twice_restore_exactly(pipes):
     pipe = get_pipe(pipes, "sd")
     unet = pipe.unet
-    before_dicts = {name: set(m.__dict__) for name, m in unet.named_modules()}
+    before = module_attributes(unet)
     cls = type(pipe)
     plain = run(pipe, "sd", steps=10)
     first = tiec.apply(pipe, FD(key_steps="every:3"))
@@ -113,7 +113,7 @@ def test_remove_and_apply_twice_restore_exactly(pipes):
     second.remove()
     assert np.array_equal(run(pipe, "sd", steps=10), plain)
     assert type(pipe) is cls
-    assert {name: set(m.__dict__) for name, m in unet.named_modules()} == before_dicts
+    assert module_attributes(unet) == before
     assert "forward" not in unet.__dict__ and not hasattr(unet, "_diffusers_hook")
 
 

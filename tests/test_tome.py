@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import demo_sample, make_demo_pipe, make_pipe, run, tiny_unet
+from conftest import demo_sample, make_demo_pipe, make_pipe, module_attributes, run, tiny_unet
 
 import tiec
 from tiec.flops import flop_counter
@@ -76,7 +76,7 @@ def test_merge_is_the_mean_and_counts_are_n_minus_r():
 # -- on models -------------------------------------------------------------------------------------
 def test_ratio_zero_is_bitwise_plain_and_removal_restores(sd_pipe):
     unet = sd_pipe.unet
-    before = {name: dict(m.__dict__) for name, m in unet.named_modules()}
+    before = module_attributes(unet)
     plain = run(sd_pipe, "sd", steps=4)
     with tiec.apply(sd_pipe, ToMe(ratio=0.0)) as handle:
         assert np.array_equal(run(sd_pipe, "sd", steps=4), plain)
@@ -87,7 +87,7 @@ def test_ratio_zero_is_bitwise_plain_and_removal_restores(sd_pipe):
         assert handle.stats["merged_blocks"] == 4 * 5  # 2 down + 3 up blocks at full resolution
     assert not np.array_equal(merged, plain)
     assert np.array_equal(run(sd_pipe, "sd", steps=4), plain)
-    assert {name: dict(m.__dict__) for name, m in unet.named_modules()} == before
+    assert module_attributes(unet) == before
 
 
 def test_attention_flops_drop_as_the_token_count_predicts():
