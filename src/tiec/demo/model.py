@@ -186,7 +186,7 @@ def load_pipeline(device: str | torch.device | None = None, dtype: torch.dtype |
     weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     path = weights_dir / "unet.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"demo weights {path} are missing; train them with `tiec train-demo` "
+        raise FileNotFoundError(f"demo weights {path.resolve()} are missing; train them with `tiec train-demo` "
                                 f"or reinstall tiec")
     pipe = build_pipeline()
     state = load_file(str(path))
