@@ -10,8 +10,6 @@ the same arguments skips the rows already there. Images are kept in ``OUT/images
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import statistics
 import time
@@ -28,7 +26,7 @@ from . import methods as M
 from .dist import Dist, merge, shard, synchronize
 from .fid import FeatureExtractor, to_uint8
 from .metrics import frechet_distance_to_features, psnr, ssim
-from .results import append_row, images_path, latest, load_images, read_rows, save_images
+from .results import append_row, digest, images_path, latest, load_images, read_rows, save_images
 
 QUICK = dict(methods=M.CORE_METHODS, schedules=("ddim20:uniform:5",), num_images=40, batch_size=10,
              reference_size=500)
@@ -297,10 +295,6 @@ def row_metrics(images: np.ndarray, prompts: Sequence[str], full: np.ndarray | N
     return result
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def versions() -> dict[str, str]:
     import diffusers
 
@@ -341,7 +335,7 @@ def plan(settings: BenchSettings) -> list[_Item]:
             seen.add((method.name, label))
             configs = M.build_configs(method, M.key_spec(schedule), settings.noise_injection, settings.tome_ratio,
                                       settings.deepcache_interval, M.tome_max_downsample(settings.model))
-            row_key = f"{method.name}@{label}#{_hash([repr(c) for c in configs])[:8]}"
+            row_key = f"{method.name}@{label}#{digest([repr(c) for c in configs])[:8]}"
             items.append(_Item(method, schedule, label, configs, row_key))
     return items
 
@@ -349,8 +343,8 @@ def plan(settings: BenchSettings) -> list[_Item]:
 def run_key(settings: BenchSettings, model_fingerprint: str, prompts: Sequence[str], fid_name: str | None,
             guidance_scale: float | None) -> str:
     """The identity of a run's results: everything but speed-only options (batch size, device)."""
-    return _hash({"model": model_fingerprint, "num_images": settings.num_images, "seed": settings.seed,
-                  "prompts": _hash(list(prompts)), "guidance": guidance_scale, "reference": settings.reference,
+    return digest({"model": model_fingerprint, "num_images": settings.num_images, "seed": settings.seed,
+                  "prompts": digest(list(prompts)), "guidance": guidance_scale, "reference": settings.reference,
                   "reference_size": settings.reference_size, "data_dir": settings.data_dir, "clip": settings.clip,
                   "fid": fid_name})
 

@@ -26,7 +26,6 @@ against one class 157. The resize matches fid-helper's ``nv_bilinear`` to float 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -39,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import gaussian_stats
+from .results import atomic_write, digest
 
 INCEPTION_SIZE = 299
 CONVENTION = "uint8 -> gray to RGB -> TF1 bilinear 299x299 (float) -> x/128-1, NCHW float32"
@@ -178,10 +178,6 @@ class InceptionFeatures:
 
 # -- reference statistics ------------------------------------------------------------------------
 
-def _hash(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def _file_fingerprint(path: Path) -> list:
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, int(stat.st_mtime)]
@@ -200,7 +196,7 @@ def cached_stats(key: dict, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
         >>> mu, sigma = cached_stats({"data": "demo"}, lambda: gaussian_stats(np.eye(3)))
     """
     folder = Path(cache_dir or os.environ.get("TIEC_CACHE_DIR") or Path.home() / ".cache" / "tiec")
-    path = folder / f"fid-ref-{_hash(key)}.npz"
+    path = folder / f"fid-ref-{digest(key, 20)}.npz"
     if path.is_file():
         try:
             with np.load(path) as data:
@@ -209,12 +205,7 @@ def cached_stats(key: dict, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
             warnings.warn(f"reference statistics cache {path} is unreadable ({e}); recomputing it", stacklevel=2)
     mu, sigma = compute()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, key=json.dumps(key, sort_keys=True, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, key=json.dumps(key, sort_keys=True, default=str)))
     return mu, sigma
 
 

@@ -194,21 +194,18 @@ def parse_schedule(text: str) -> Schedule:
                  f"{schedules.SPEC_HELP} (list as 0/1/5), e.g. ddim20:uniform:5")
     if match is None:
         raise ValueError(f"schedule={text!r} is malformed; {help_text}")
-    sampler, steps, keys = match["sampler"], int(match["steps"]), match["keys"]
-    if sampler not in SAMPLERS:
-        raise ValueError(f"schedule={text!r}: sampler {sampler!r} is not known; {help_text}")
-    if "/" in keys or keys.isdigit():
-        try:
-            spec: Any = [int(k) for k in keys.split("/")]
-        except ValueError:
-            raise ValueError(f"schedule={text!r}: key steps {keys!r} are not integers; {help_text}") from None
-    else:
-        spec = keys
+    schedule = Schedule(match["sampler"], int(match["steps"]), match["keys"])
+    if schedule.sampler not in SAMPLERS:
+        raise ValueError(f"schedule={text!r}: sampler {schedule.sampler!r} is not known; {help_text}")
     try:
-        schedules.resolve(spec, steps)
+        spec = key_spec(schedule)
+    except ValueError:
+        raise ValueError(f"schedule={text!r}: key steps {schedule.key_steps!r} are not integers; {help_text}") from None
+    try:
+        schedules.resolve(spec, schedule.num_steps)
     except ValueError as e:
         raise ValueError(f"schedule={text!r}: {e}") from None
-    return Schedule(sampler, steps, keys)
+    return schedule
 
 
 def key_steps_of(method: Method, schedule: Schedule, deepcache_interval: int = 3) -> list[int]:

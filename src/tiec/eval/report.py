@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from .results import images_path, load_images
+from .results import atomic_write, images_path, load_images
 
 ESTIMATOR_NAMES = ("extrapolate", "interpolate")
 
@@ -247,9 +247,7 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequ
              "than reuse, negative = worse than reuse. Extra time is per image, against the matching reuse row.", "",
              gap_table(rows), "", "## Figures", "", "![grid](grid.png)", "", "![pareto](pareto.png)", ""]
     path = out_dir / "report.md"
-    tmp = path.with_name(f".report.md.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(text), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("\n".join(text).encode("utf-8")))
     try:
         write_grid(out_dir / "grid.png", rows, out_dir, prompts, seed, columns)
         write_pareto(out_dir / "pareto.png", rows)

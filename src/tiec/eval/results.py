@@ -8,12 +8,13 @@ are kept, and the bad line is left in place for inspection (a later row starts o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -82,6 +83,16 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def digest(obj: Any, length: int = 16) -> str:
+    """A short stable hash of a JSON-able object (keys sorted, other values as ``str``): cache and resume keys.
+
+    Example:
+        >>> digest({"b": 1, "a": 2}) == digest({"a": 2, "b": 1})
+        True
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def safe_name(text: str) -> str:
     """A file-name-safe form of a method or schedule label (``ddim20:uniform:5`` -> ``ddim20-uniform-5``).
 
@@ -108,12 +119,13 @@ def save_images(path: str | os.PathLike, images: np.ndarray, run_key: str | None
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(images)))
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(images)))
     meta = json.dumps({"run_key": run_key, "shape": list(np.shape(images))}).encode()
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(meta))
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(meta))
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` through ``write(f)`` on a temporary file, fsync, then rename: never a torn file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         write(f)
