@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "PSNR/SSIM vs full, s/img, GFLOPs; writes results.jsonl, report.md, grid.png, pareto.png")
     p.add_argument("--model", default=None, help="demo (default), demo-random (random weights) or a diffusers folder")
     p.add_argument("--methods", default=None, help="comma-separated, e.g. full,reuse,reuse+noise,extrapolate,"
-                   "interpolate,tome,deepcache,reuse+tome,extrapolate+tome")
+                   "interpolate,tome,deepcache,reuse+tome,extrapolate+tome; '+serial' decodes non-key steps one "
+                   "by one instead of batched (e.g. reuse+serial: same images, often faster on a CPU)")
     p.add_argument("--schedules", default=None, help="comma-separated <ddim|dpm><steps>:<key steps>, e.g. "
                    "ddim50:faster-diffusion,ddim20:uniform:10,ddim20:uniform:5,dpm20:uniform:5")
     p.add_argument("--noise-injection", type=float, default=None, help="w of the +noise methods (default 0.003)")

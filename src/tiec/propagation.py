@@ -36,8 +36,9 @@ class EncoderPropagationConfig:
             FasterDiffusion), ``"extrapolate"`` (line in ``t`` through the last two key steps; free) or
             ``"interpolate"`` (line between the current key step and an encoder pass on a one-step DDIM
             prediction of the next key latent; one extra encoder pass per interval). Default ``"reuse"``.
-        parallel: batch the decoders of each key-step group in one call (faster on GPUs, more memory).
-            Default True. A bare UNet (no pipeline) always runs serially.
+        parallel: batch the decoders of each key-step group in one call (meant for GPUs; more memory).
+            Default True. With a small UNet on a CPU, False (one decoder call per step, the same images)
+            was the faster setting (README, Results). A bare UNet (no pipeline) always runs serially.
         max_parallel: at most this many steps per batched decoder call (bounds memory); None: no cap.
         noise_injection: prior noise injection weight ``w``: from the first step with ``t < tau`` on,
             ``w * z_T`` is added to the latent before each step. FasterDiffusion uses 0.003. Default 0 (off).

@@ -6,6 +6,9 @@ Methods (``+`` combines parts):
 - ``reuse`` / ``extrapolate`` / ``interpolate``: encoder propagation with that estimator
   (``tiec.EncoderPropagationConfig``) on the schedule's key steps;
 - ``+noise``: with prior noise injection (weight ``--noise-injection``, FasterDiffusion's 0.003);
+- ``+serial``: decode the non-key steps one at a time (``parallel=False``) instead of batching the decoders
+  of a key-step group in one call; the same images (the math is the same), a different speed: batching
+  pays on GPUs, on a small CPU the plain loop can be faster;
 - ``tome``: token merging (``tiec.TokenMergingConfig``), alone or combined (``reuse+tome``);
 - ``deepcache``: DeepCache (``tiec.DeepCacheConfig``), alone or with ``+tome``.
 
@@ -27,14 +30,14 @@ from typing import Any
 from .. import schedules
 
 ESTIMATORS = ("reuse", "extrapolate", "interpolate")
-PARTS = ("full", *ESTIMATORS, "deepcache", "noise", "tome")
+PARTS = ("full", *ESTIMATORS, "deepcache", "noise", "serial", "tome")
 SAMPLERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 CORE_METHODS = ("full", "reuse", "extrapolate", "interpolate")
 DEFAULT_METHODS = ("full", "reuse", "reuse+noise", "extrapolate", "interpolate", "tome", "deepcache",
                    "reuse+tome", "extrapolate+tome")
 DEFAULT_SCHEDULES = ("ddim50:faster-diffusion", "ddim20:uniform:10", "ddim20:uniform:5", "dpm20:uniform:5")
 METHOD_HELP = ("'full', or one of reuse/extrapolate/interpolate/deepcache/tome, optionally joined with '+noise' "
-               "(estimators only) and '+tome'")
+               "and '+serial' (estimators only) and '+tome'")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Method:
     noise: bool = False
     tome: bool = False
     deepcache: bool = False
+    serial: bool = False
 
     @property
     def uses_key_steps(self) -> bool:
@@ -66,7 +70,7 @@ def parse_method(name: str) -> Method:
 
     Example:
         >>> parse_method("reuse+noise")
-        Method(name='reuse+noise', estimator='reuse', noise=True, tome=False, deepcache=False)
+        Method(name='reuse+noise', estimator='reuse', noise=True, tome=False, deepcache=False, serial=False)
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"method={name!r} is empty; expected {METHOD_HELP}")
@@ -89,14 +93,14 @@ def parse_method(name: str) -> Method:
     if deepcache and estimator:
         raise ValueError(f"method={name!r}: deepcache and encoder propagation ({estimator}) cannot be combined "
                          f"(both cache UNet features)")
-    noise = "noise" in parts
-    if noise and estimator is None:
-        raise ValueError(f"method={name!r}: '+noise' (prior noise injection) needs an estimator, one of "
-                         f"{list(ESTIMATORS)}")
+    for part, what in (("noise", "prior noise injection"), ("serial", "decode non-key steps one by one")):
+        if part in parts and estimator is None:
+            raise ValueError(f"method={name!r}: '+{part}' ({what}) needs an estimator, one of {list(ESTIMATORS)}")
+    noise, serial = "noise" in parts, "serial" in parts
     tome = "tome" in parts
     canonical = "+".join([p for p in (estimator, "deepcache" if deepcache else None) if p]
-                         + (["noise"] if noise else []) + (["tome"] if tome else []))
-    return Method(canonical, estimator, noise, tome, deepcache)
+                         + (["noise"] if noise else []) + (["serial"] if serial else []) + (["tome"] if tome else []))
+    return Method(canonical, estimator, noise, tome, deepcache, serial)
 
 
 def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[Method]:
@@ -147,7 +151,8 @@ def build_configs(method: Method, key_steps: Any, noise_injection: float = 0.003
     configs: list[Any] = []
     if method.estimator is not None:
         configs.append(tiec.EncoderPropagationConfig(key_steps=key_steps, estimator=method.estimator,
-                                                     noise_injection=noise_injection if method.noise else 0.0))
+                                                     noise_injection=noise_injection if method.noise else 0.0,
+                                                     parallel=not method.serial))
     if method.deepcache:
         configs.append(tiec.DeepCacheConfig(cache_interval=deepcache_interval))
     if method.tome:
