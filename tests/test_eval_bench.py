@@ -13,7 +13,7 @@ from tiec.eval import bench as B
 from tiec.eval import methods as M
 from tiec.eval.dist import Dist, merge, shard
 from tiec.eval.prompts import cycle, load_prompts
-from tiec.eval.report import gap_recovery, pareto_front
+from tiec.eval.report import gap_recovery, pareto_front, place_labels
 from tiec.eval.results import append_row, read_rows
 
 
@@ -71,9 +71,11 @@ def settings(tmp_path, fmnist_dir, **over):
 def test_method_names_parse_and_bad_ones_are_named():
     assert M.parse_method("tome+reuse").name == "reuse+tome"
     assert M.parse_method("extrapolate+noise").noise
+    assert M.parse_method("serial+noise+interpolate").name == "interpolate+noise+serial"
     assert [m.name for m in M.parse_methods("reuse,full,reuse")] == ["full", "reuse"]
     for bad, match in [("warp", "unknown part"), ("full+tome", "combines with nothing"),
-                       ("noise", "needs an estimator"), ("reuse+deepcache", "cannot be combined"),
+                       ("noise", "needs an estimator"), ("serial", "needs an estimator"),
+                       ("deepcache+serial", "needs an estimator"), ("reuse+deepcache", "cannot be combined"),
                        ("reuse+extrapolate", "several estimators")]:
         with pytest.raises(ValueError, match=match):
             M.parse_method(bad)
@@ -84,6 +86,13 @@ def test_noise_methods_carry_the_injection_weight():
     assert config.noise_injection == 0.003 and config.estimator == "reuse"
     (plain,) = M.build_configs(M.parse_method("reuse"), "uniform:5", noise_injection=0.003)
     assert plain.noise_injection == 0.0
+
+
+def test_serial_methods_decode_step_by_step():
+    (serial,) = M.build_configs(M.parse_method("extrapolate+serial"), "uniform:5")
+    (batched,) = M.build_configs(M.parse_method("extrapolate"), "uniform:5")
+    assert serial.parallel is False and batched.parallel is True
+    assert serial.estimator == batched.estimator == "extrapolate"
 
 
 def test_missing_peer_configs_give_a_clear_error(monkeypatch):
@@ -312,10 +321,26 @@ def test_gap_recovery_including_negative_values():
     assert gaps["interpolate"]["recovered"] == pytest.approx(-0.2)  # worse than reuse: reported, not hidden
     assert gaps["extrapolate+noise"]["baseline"] == "reuse+noise"
     assert gaps["extrapolate+noise"]["recovered"] == pytest.approx(0.5)
+    assert gaps["reuse+noise"]["baseline"] == "reuse"
+    assert gaps["reuse+noise"]["recovered"] == pytest.approx(0.2)
+    assert "reuse" not in gaps and "full" not in gaps
 
 
 def test_pareto_front():
     assert pareto_front([(1, 5), (2, 3), (3, 4), (0.5, 9)]) == [3, 0, 1]
+
+
+def test_pareto_labels_do_not_overlap():
+    rng = np.random.default_rng(0)
+    points = [(0.3 + 0.01 * x, 0.4 + 0.01 * y) for x, y in rng.random((8, 2))] + [(0.9, 0.1)]  # a cluster, one apart
+    widths, height = [0.15] * len(points), 0.03
+    spots = place_labels(points, widths, height)
+    boxes = [(x, y, w, height) for (x, y), w in zip(spots, widths)]
+    for i, a in enumerate(boxes):
+        assert 0.0 <= a[1] <= 1.0 - height
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + height and b[1] < a[1] + height)
+    assert spots[-1] == (0.91, 0.09)  # alone: right beside its point
 
 
 def test_cli_bench_parses_and_reports_bad_values(capsys):

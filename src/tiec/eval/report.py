@@ -80,6 +80,8 @@ def gap_recovery(rows: Sequence[dict]) -> list[dict[str, Any]]:
 
     Each estimator row (``extrapolate``/``interpolate``, with or without ``+noise``/``+tome``) is compared with the
     ``reuse`` row of the same schedule and modifiers and with ``full`` of the same sampler and step count.
+    Noise injection, FasterDiffusion's own fix for ``reuse``, is measured the same way: ``reuse+noise``
+    (with any other modifiers) against the ``reuse`` row without ``+noise``.
     ``recovered`` is None where the gap is zero or a FID is missing; negative values are kept (the
     estimator is worse than reuse). ``extra_s`` is the estimator's extra seconds per image over reuse.
 
@@ -90,9 +92,12 @@ def gap_recovery(rows: Sequence[dict]) -> list[dict[str, Any]]:
     out = []
     for est in rows:
         parts = est["method"].split("+")
-        if parts[0] not in ESTIMATOR_NAMES:
+        if parts[0] in ESTIMATOR_NAMES:
+            reuse_name = "+".join(["reuse", *parts[1:]])
+        elif parts[0] == "reuse" and "noise" in parts:
+            reuse_name = "+".join(p for p in parts if p != "noise")
+        else:
             continue
-        reuse_name = "+".join(["reuse", *parts[1:]])
         reuse = next((r for r in rows if r["method"] == reuse_name and r["schedule"] == est["schedule"]), None)
         full = _full_row(rows, est)
         if reuse is None or full is None:
@@ -193,14 +198,45 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def place_labels(points: Sequence[tuple[float, float]], widths: Sequence[float], height: float,
+                 max_shift: int = 12, marker: float = 0.015) -> list[tuple[float, float]]:
+    """Lower-left corners for labels of ``widths`` x ``height`` beside ``points`` (all in axes fractions,
+    0..1) so that no label overlaps another label or a point's marker (a square of side ``marker``):
+    each label starts just right of its point and is moved up or down in steps of ``height`` (at most
+    ``max_shift``) until it is free. Points are placed from the bottom up. A label that finds no free
+    place keeps its first position.
+
+    Example:
+        >>> place_labels([(0.5, 0.5), (0.5, 0.5)], [0.2, 0.2], 0.05)
+        [(0.51, 0.49), (0.51, 0.54)]
+    """
+    def overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:  # boxes (x, y, width, height)
+        return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+    taken = [(x - marker / 2, y - marker / 2, marker, marker) for x, y in points]
+    spots: list[tuple[float, float]] = [(0.0, 0.0)] * len(points)
+    shifts = [0] + [d for k in range(1, max_shift + 1) for d in (k, -k)]
+    for i in sorted(range(len(points)), key=lambda k: (points[k][1], points[k][0])):
+        x, y = points[i][0] + 0.01, points[i][1] - 0.01
+        candidates = [(x, y + d * height, widths[i], height) for d in shifts
+                      if 0.0 <= y + d * height <= 1.0 - height]
+        own = taken[i]
+        spot = next((c for c in candidates if not any(overlaps(c, q) for q in taken if q is not own)),
+                    (x, y, widths[i], height))
+        taken.append(spot)
+        spots[i] = (round(spot[0], 6), round(spot[1], 6))
+    return spots
+
+
 def write_pareto(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """``pareto.png``: seconds per image against FID, one labelled point per row, the Pareto front drawn.
+    """``pareto.png``: seconds per image against FID, one labelled point per row (colour: schedule; label:
+    method, moved where labels would overlap, with a line to its point), the Pareto front drawn.
 
     Example:
         >>> write_pareto("runs/bench/pareto.png", rows)
     """
     usable = [r for r in rows if r.get("fid") is not None and r.get("s_per_image") is not None]
-    fig = _figure(7, 5)
+    fig = _figure(8, 5.5)
     ax = fig.subplots()
     ax.set_xlabel("seconds per image (lower is better)")
     ax.set_ylabel("FID (lower is better)")
@@ -209,17 +245,28 @@ def write_pareto(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     else:
         schedules = sorted({r["schedule"] for r in usable})
         colours = {s: f"C{i % 10}" for i, s in enumerate(schedules)}
-        for r in usable:
-            ax.scatter(r["s_per_image"], r["fid"], color=colours[r["schedule"]], s=30, zorder=3)
-            ax.annotate(f"{r['method']} ({r['schedule']})", (r["s_per_image"], r["fid"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
         points = [(r["s_per_image"], r["fid"]) for r in usable]
+        for r, (x, y) in zip(usable, points):
+            ax.scatter(x, y, color=colours[r["schedule"]], s=30, zorder=3)
         front = pareto_front(points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="0.6", lw=1, ls="--",
                 zorder=1, label="Pareto front")
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        x_span, y_span = (max(xs) - min(xs)) or max(xs) or 1.0, (max(ys) - min(ys)) or max(ys) or 1.0
+        ax.set_xlim(min(xs) - 0.05 * x_span, max(xs) + 0.35 * x_span)  # room for labels on the right
+        ax.set_ylim(min(ys) - 0.08 * y_span, max(ys) + 0.08 * y_span)
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        fractions = [((x - x0) / (x1 - x0), (y - y0) / (y1 - y0)) for x, y in points]
+        width_per_char = 0.0095 * 8 / fig.get_figwidth()
+        spots = place_labels(fractions, [width_per_char * len(r["method"]) for r in usable], 0.032)
+        for r, point, spot, fraction in zip(usable, points, spots, fractions):
+            moved = abs(spot[1] - (fraction[1] - 0.01)) > 1e-9
+            ax.annotate(r["method"], point, xytext=spot, textcoords="axes fraction", fontsize=7,
+                        color=colours[r["schedule"]], va="bottom",
+                        arrowprops=dict(arrowstyle="-", color="0.7", lw=0.5) if moved else None)
         for s in schedules:
             ax.scatter([], [], color=colours[s], label=s)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -244,7 +291,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequ
     text += [f"- {n}" for n in notes] + ["", "## Results", "", results_table(rows) if rows else "_no rows_", "",
              "## Share of the reuse -> full FID gap recovered by each estimator", "",
              "`(FID_reuse - FID_est) / (FID_reuse - FID_full)`: 100% = as good as the full sampler, 0% = no better "
-             "than reuse, negative = worse than reuse. Extra time is per image, against the matching reuse row.", "",
+             "than reuse, negative = worse than reuse. Extra time is per image, against the matching reuse row. "
+             "Noise injection (`reuse+noise`) is measured the same way against `reuse`.", "",
              gap_table(rows), "", "## Figures", "", "![grid](grid.png)", "", "![pareto](pareto.png)", ""]
     path = out_dir / "report.md"
     atomic_write(path, lambda f: f.write("\n".join(text).encode("utf-8")))
