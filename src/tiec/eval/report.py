@@ -260,7 +260,7 @@ def write_pareto(path: str | os.PathLike, rows: Sequence[dict]) -> None:
         width_per_char = 0.0095 * 8 / fig.get_figwidth()
         spots = place_labels(fractions, [width_per_char * len(r["method"]) for r in usable], 0.032)
         for r, point, spot, fraction in zip(usable, points, spots, fractions):
-            moved = abs(spot[1] - (fraction[1] - 0.01)) > 1e-9
+            moved = abs(spot[1] - (fraction[1] - 0.01)) > 1e-4  # spots are rounded to 6 digits
             ax.annotate(r["method"], point, xytext=spot, textcoords="axes fraction", fontsize=7,
                         color=colours[r["schedule"]], va="bottom",
                         arrowprops=dict(arrowstyle="-", color="0.7", lw=0.5) if moved else None)
