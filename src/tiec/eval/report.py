@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from .results import atomic_write, images_path, load_images
 
 ESTIMATOR_NAMES = ("extrapolate", "interpolate")
+LABEL_OFFSET = (0.01, -0.01)  # a plot label's unmoved lower-left corner, from its point (axes fractions)
 
 
 def _num(value: Any, digits: int = 2) -> str:
@@ -202,7 +203,7 @@ def place_labels(points: Sequence[tuple[float, float]], widths: Sequence[float],
                  max_shift: int = 12, marker: float = 0.015) -> list[tuple[float, float]]:
     """Lower-left corners for labels of ``widths`` x ``height`` beside ``points`` (all in axes fractions,
     0..1) so that no label overlaps another label or a point's marker (a square of side ``marker``):
-    each label starts just right of its point and is moved up or down in steps of ``height`` (at most
+    each label starts at ``LABEL_OFFSET`` from its point (just right of it) and is moved up or down in steps of ``height`` (at most
     ``max_shift``) until it is free. Points are placed from the bottom up. A label that finds no free
     place keeps its first position.
 
@@ -217,7 +218,7 @@ def place_labels(points: Sequence[tuple[float, float]], widths: Sequence[float],
     spots: list[tuple[float, float]] = [(0.0, 0.0)] * len(points)
     shifts = [0] + [d for k in range(1, max_shift + 1) for d in (k, -k)]
     for i in sorted(range(len(points)), key=lambda k: (points[k][1], points[k][0])):
-        x, y = points[i][0] + 0.01, points[i][1] - 0.01
+        x, y = points[i][0] + LABEL_OFFSET[0], points[i][1] + LABEL_OFFSET[1]
         candidates = [(x, y + d * height, widths[i], height) for d in shifts
                       if 0.0 <= y + d * height <= 1.0 - height]
         own = taken[i]
@@ -260,7 +261,7 @@ def write_pareto(path: str | os.PathLike, rows: Sequence[dict]) -> None:
         width_per_char = 0.0095 * 8 / fig.get_figwidth()
         spots = place_labels(fractions, [width_per_char * len(r["method"]) for r in usable], 0.032)
         for r, point, spot, fraction in zip(usable, points, spots, fractions):
-            moved = abs(spot[1] - (fraction[1] - 0.01)) > 1e-4  # spots are rounded to 6 digits
+            moved = abs(spot[1] - (fraction[1] + LABEL_OFFSET[1])) > 1e-4  # spots are rounded to 6 digits
             ax.annotate(r["method"], point, xytext=spot, textcoords="axes fraction", fontsize=7,
                         color=colours[r["schedule"]], va="bottom",
                         arrowprops=dict(arrowstyle="-", color="0.7", lw=0.5) if moved else None)
