@@ -35,14 +35,24 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _train_demo(args: argparse.Namespace) -> int:
+    from .demo.data import DataError
     from .demo.train import train_classifier, train_unet
 
-    if args.classifier:
-        path, accuracy = train_classifier(args.out, epochs=args.epochs, device=args.device, data_dir=args.data_dir)
-        print(f"classifier weights: {path}  test accuracy: {accuracy:.4f}")
-        return 0
-    path = train_unet(args.out, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                      data_dir=args.data_dir, resume=args.resume, lr=args.lr)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.classifier:
+            path, accuracy = train_classifier(args.out, epochs=args.epochs, device=args.device,
+                                              data_dir=args.data_dir)
+            print(f"classifier weights: {path}  test accuracy: {accuracy:.4f}")
+            return 0
+        path = train_unet(args.out, steps=args.steps, batch_size=args.batch_size, device=args.device,
+                          data_dir=args.data_dir, resume=args.resume, lr=args.lr,
+                          checkpoint_every=args.checkpoint_every)
+    except DataError as e:
+        raise FileNotFoundError(str(e)) from None
     print(f"demo UNet weights: {path}")
     return 0
 
@@ -153,14 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("train-demo", help="train the demo Fashion-MNIST UNet (or, with --classifier, its classifier)")
-    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=20000, help="train up to this many steps in all")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--epochs", type=int, default=4, help="classifier epochs")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST IDX files")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same recipe)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (Ctrl-C also "
+                   "writes one)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--classifier", action="store_true")
     p.set_defaults(func=_train_demo)
 

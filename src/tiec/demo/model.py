@@ -29,18 +29,26 @@ DEFAULT_GUIDANCE = 3.0
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 UNET_CONFIG = dict(
-    sample_size=PADDED_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+    sample_size=PADDED_SIZE, in_channels=1, out_channels=1, layers_per_block=2,
     block_out_channels=(32, 64, 96, 96),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
 )
+"""The UNet of new demo models: Stable Diffusion's layout (two layers per down block, three per up block), so that
+the encoder is 30.5% of the UNet FLOPs (SD1.5: about 32%). The first release used one layer per block (24%)."""
 # clip_sample stays off, as in Stable Diffusion's DDIM config: DDIM clips its x0 estimate but keeps the model's
 # epsilon, so with guidance the two disagree and the images drift bright and lose their class (measured on the
 # demo model, 40 images, DDIM-20, guidance 3: classifier adherence 42% with clipping, 95% without).
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                         clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
-                        prediction_type="epsilon")
+                        prediction_type="v_prediction")
+"""v-prediction: with epsilon prediction the loss gives the high-noise steps almost no weight in terms of the image
+they imply (see the model card), and the first release's samples came out speckled."""
+LEGACY_CONFIG = {"unet": dict(UNET_CONFIG, layers_per_block=1),
+                 "scheduler": dict(SCHEDULER_CONFIG, prediction_type="epsilon")}
+"""The first release's model (3,400 steps, epsilon prediction): what a weights folder without config.json holds."""
+CONFIG_FILE = "config.json"
 
 
 def _class_patterns() -> list[tuple[int, re.Pattern]]:
@@ -166,11 +174,33 @@ class FashionPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=result) if return_dict else (result,)
 
 
-def build_pipeline(seed: int = 0) -> FashionPipeline:
-    """The demo pipeline with freshly initialised (random) weights: for training and tests."""
+def build_pipeline(seed: int = 0, config: dict | None = None) -> FashionPipeline:
+    """The demo pipeline with freshly initialised (random) weights: for training and tests.
+
+    `config` is `{"unet": ..., "scheduler": ...}` (a weights folder's config.json); default: the current
+    UNET_CONFIG and SCHEDULER_CONFIG.
+    """
+    config = config or {"unet": UNET_CONFIG, "scheduler": SCHEDULER_CONFIG}
     torch.manual_seed(seed)
-    return FashionPipeline(unet=UNet2DConditionModel(**UNET_CONFIG), scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
-                           embedder=ClassEmbedder(dim=UNET_CONFIG["cross_attention_dim"]))
+    unet_config = dict(config["unet"])
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        unet_config[key] = tuple(unet_config[key])  # JSON gives lists
+    return FashionPipeline(unet=UNet2DConditionModel(**unet_config), scheduler=DDIMScheduler(**config["scheduler"]),
+                           embedder=ClassEmbedder(dim=unet_config["cross_attention_dim"]))
+
+
+def read_config(weights_dir: str | Path) -> dict:
+    """The model configuration of a weights folder: its config.json, or the first release's for older folders."""
+    import json
+
+    path = Path(weights_dir) / CONFIG_FILE
+    if not path.exists():
+        return LEGACY_CONFIG
+    try:
+        config = json.loads(path.read_text())
+        return {"unet": config["unet"], "scheduler": config["scheduler"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a demo model configuration ({e}); retrain or reinstall tiec") from None
 
 
 def load_pipeline(device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -188,7 +218,7 @@ def load_pipeline(device: str | torch.device | None = None, dtype: torch.dtype |
     if not path.exists():
         raise FileNotFoundError(f"demo weights {path.resolve()} are missing; train them with `tiec train-demo` "
                                 f"or reinstall tiec")
-    pipe = build_pipeline()
+    pipe = build_pipeline(config=read_config(weights_dir))
     state = load_file(str(path))
     embedder_state = {k.removeprefix("embedder."): v for k, v in state.items() if k.startswith("embedder.")}
     unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
