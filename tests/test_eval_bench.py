@@ -95,16 +95,6 @@ def test_serial_methods_decode_step_by_step():
     assert serial.estimator == batched.estimator == "extrapolate"
 
 
-def test_missing_peer_configs_give_a_clear_error(monkeypatch):
-    import tiec
-
-    monkeypatch.delattr(tiec, "TokenMergingConfig", raising=False)
-    with pytest.raises(ValueError, match="TokenMergingConfig"):
-        M.build_configs(M.parse_method("reuse+tome"), "uniform:5")
-    with pytest.warns(UserWarning, match="tome"):
-        assert "tome" not in B.BenchSettings.create().methods
-
-
 def test_schedules_parse():
     s = M.parse_schedule("dpm20:uniform:5")
     assert (s.sampler, s.num_steps, s.key_steps, s.base) == ("dpm", 20, "uniform:5", "dpm20")

@@ -6,10 +6,9 @@ depends on works end to end, counts what it claims to count, and reports what fa
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,31 @@ import torch
 
 import tiec
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_speed.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PROPAGATION = ("reuse-serial", "reuse-parallel", "extrapolate", "interpolate", "reuse+tome")
-PEERS = {"deepcache": "DeepCacheConfig", "tome": "TokenMergingConfig", "reuse+tome": "TokenMergingConfig"}
+PEERS = ("deepcache", "tome", "reuse+tome")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_speed"] = module
-    spec.loader.exec_module(module)
-    return module
+def load_benchmark(name: str):
+    """A module of benchmarks/, imported as running the script would: its folder on sys.path."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
 def gs():
-    return load_script()
+    return load_benchmark("gpu_speed")
+
+
+@pytest.fixture(scope="module")
+def measuring(gs):
+    return load_benchmark("_gpu_measure")
+
+
+@pytest.fixture(scope="module")
+def reporting(gs):
+    return load_benchmark("_gpu_report")
 
 
 def tiny_args(out: Path, *extra: str) -> list[str]:
@@ -41,16 +49,17 @@ def tiny_args(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def report(gs, tmp_path_factory):
+def report(gs, measuring, tmp_path_factory):
     """One tiny run of every method on both models, batch 1 and 2, with two failing methods slipped in."""
     out = tmp_path_factory.mktemp("gpu_speed") / "speed.md"
     methods = list(gs.METHODS)
     with pytest.MonkeyPatch.context() as mp:
-        # a config tiec.apply rejects (fails when applied) and a peer that does not exist (fails when built),
+        # a config tiec.apply rejects (fails when applied) and one that cannot be built (fails when built),
         # placed before the last methods so that the rows after them show the run went on
-        mp.setitem(gs.METHODS, "broken", gs.Method("broken", lambda args: (object(),)))
-        mp.setitem(gs.METHODS, "missing", gs.Method("missing", lambda args: (gs._peer("NoSuchConfig"),)))
-        methods = methods[:-2] + ["broken", "missing"] + methods[-2:]
+        mp.setitem(gs.METHODS, "broken", measuring.Method("broken", lambda args: (object(),)))
+        mp.setitem(gs.METHODS, "unbuildable", measuring.Method(
+            "unbuildable", lambda args: (tiec.EncoderPropagationConfig(key_steps="no-such-schedule"),)))
+        methods = methods[:-2] + ["broken", "unbuildable"] + methods[-2:]
         code = gs.main(tiny_args(out, "--batches", "1,2", "--json", str(out.with_suffix(".json")),
                                  "--methods", ",".join(methods)))
     data = json.loads(out.with_suffix(".json").read_text())
@@ -101,8 +110,6 @@ def test_encoder_propagation_rows_skip_encoders(report):
     for table in report["data"]["tables"]:
         rows = {r["method"]: r for r in table["rows"]}
         for name in PROPAGATION:
-            if name in PEERS and not hasattr(tiec, PEERS[name]):
-                continue
             row = rows[name]
             assert row["status"] == "ok", row
             # key steps (0, 1) of 4: steps 2 and 3 decode from cached features
@@ -113,22 +120,20 @@ def test_encoder_propagation_rows_skip_encoders(report):
         assert "batched_decoder_calls=1" in " ".join(rows["reuse-parallel"]["notes"])
 
 
-def test_peers_run_when_available(report):
+def test_peers_run(report):
     for table in report["data"]["tables"]:
         rows = {r["method"]: r for r in table["rows"]}
-        for name, config in PEERS.items():
-            if hasattr(tiec, config):
-                assert rows[name]["status"] == "ok", rows[name]
-            else:
-                assert rows[name]["status"].startswith("UNAVAILABLE: tiec." + config)
+        for name in PEERS:
+            assert rows[name]["status"] == "ok", rows[name]
 
 
 def test_failures_are_reported_in_their_rows_and_the_rest_still_runs(report):
     for heading, rows in md_tables(report["text"]).items():
         by_name = {r["method"]: r for r in rows}
         assert by_name["broken"]["status"].startswith("FAILED: TypeError: tiec.apply got object")
-        assert by_name["missing"]["status"].startswith("UNAVAILABLE: tiec.NoSuchConfig does not exist")
-        for name in ("broken", "missing"):
+        assert by_name["unbuildable"]["status"].startswith(
+            "FAILED building the config: ValueError: key_steps='no-such-schedule' is not a known schedule")
+        for name in ("broken", "unbuildable"):
             assert by_name[name]["median s"] == "-" and by_name[name]["vs plain"] == "-"
         last = rows[-1]
         assert last["method"] == report["methods"][-1] and last["median s"] != "-", heading
@@ -156,6 +161,7 @@ def test_append_adds_a_run_and_replaces_foreign_files(gs, tmp_path):
     assert out.read_text().count("## Run of") == 2
     assert gs.main(tiny_args(out, *quick)) == 0
     assert out.read_text().count("## Run of") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.md"]  # written in place of the old one, no leftovers
 
 
 def test_bad_arguments_are_rejected(gs, tmp_path, capsys):
@@ -167,32 +173,32 @@ def test_bad_arguments_are_rejected(gs, tmp_path, capsys):
     assert "'fast'" in capsys.readouterr().err and not (tmp_path / "x.md").exists()
 
 
-def test_targets_pass_and_fail_on_cuda_figures(gs):
+def test_targets_pass_and_fail_on_cuda_figures(gs, measuring, reporting):
     def table(model, **medians):
-        t = gs.Table(model, model, 1, False)
-        t.rows = [gs.Row(name.replace("_", "-"), times=[m]) for name, m in medians.items()]
+        t = measuring.Table(model, model, 1, False)
+        t.rows = [measuring.Row(name.replace("_", "-"), times=[m]) for name, m in medians.items()]
         return t
 
     args = gs.build_parser().parse_args(["--dtype", "float16"])
     tables = [table("sd15", plain=1.0, reuse_parallel=0.29, extrapolate=0.30),
               table("sdxl", plain=1.0, reuse_parallel=0.60)]
-    lines = "\n".join(gs.evaluate_targets(tables, args, torch.device("cuda")))
+    lines = "\n".join(reporting.evaluate_targets(tables, args, torch.device("cuda")))
     assert "| SD1.5 512 px batch 1: reuse parallel <= 0.30x plain | 0.290x plain | PASS |" in lines
     assert "extrapolate within 2% of reuse parallel | 1.034x reuse-parallel | FAIL |" in lines
     assert "| SDXL 1024 px batch 1: reuse parallel <= 0.55x plain | 0.600x plain | FAIL |" in lines
     tables[1].rows[1].status = "FAILED: OutOfMemoryError"
     assert "| SDXL 1024 px batch 1: reuse parallel <= 0.55x plain | failed | FAIL |" in \
-        "\n".join(gs.evaluate_targets(tables, args, torch.device("cuda")))
-    assert "| not run |" in "\n".join(gs.evaluate_targets(tables[:1], args, torch.device("cuda")))
+        "\n".join(reporting.evaluate_targets(tables, args, torch.device("cuda")))
+    assert "| not run |" in "\n".join(reporting.evaluate_targets(tables[:1], args, torch.device("cuda")))
 
 
-def test_unet_timer_counts_outer_calls_and_restores_the_class(gs):
+def test_unet_timer_counts_outer_calls_and_restores_the_class(measuring):
     class Twice(torch.nn.Module):
         def forward(self, x, again=True):
             return self(x, again=False) if again else x * 2  # a nested call of the same module
 
     module = Twice()
-    with gs.UNetTimer(module, lambda: None) as timer:
+    with measuring.UNetTimer(module, lambda: None) as timer:
         assert isinstance(module, Twice) and type(module) is not Twice
         module(torch.ones(1))
         module(torch.ones(1))

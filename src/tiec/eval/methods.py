@@ -12,9 +12,6 @@ Methods (``+`` combines parts):
 - ``tome``: token merging (``tiec.TokenMergingConfig``), alone or combined (``reuse+tome``);
 - ``deepcache``: DeepCache (``tiec.DeepCacheConfig``), alone or with ``+tome``.
 
-ToMe and DeepCache are looked up on ``tiec`` only when a method needs them, with a clear error if this
-tiec has no such config.
-
 Schedules: sampler ``ddim`` (DDIMScheduler) or ``dpm`` (DPMSolverMultistepScheduler, DPM-Solver++),
 the step count, then the key-step spec of ``tiec.schedules``: ``ddim50:faster-diffusion``,
 ``ddim20:uniform:5``, ``dpm20:every:4``. Methods that do not use key steps (``full``, ``tome``,
@@ -28,6 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import schedules
+from ..deepcache import DeepCacheConfig
+from ..propagation import EncoderPropagationConfig
+from ..tome import TokenMergingConfig
 
 ESTIMATORS = ("reuse", "extrapolate", "interpolate")
 PARTS = ("full", *ESTIMATORS, "deepcache", "noise", "serial", "tome")
@@ -54,15 +54,6 @@ class Method:
     @property
     def uses_key_steps(self) -> bool:
         return self.estimator is not None
-
-    @property
-    def required_configs(self) -> tuple[str, ...]:
-        names = []
-        if self.deepcache:
-            names.append("DeepCacheConfig")
-        if self.tome:
-            names.append("TokenMergingConfig")
-        return tuple(names)
 
 
 def parse_method(name: str) -> Method:
@@ -124,39 +115,23 @@ def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[Method]:
     return methods
 
 
-def available(method: Method) -> str | None:
-    """None if this tiec provides every config ``method`` needs, else the error message."""
-    import tiec
-
-    missing = [n for n in method.required_configs if not hasattr(tiec, n)]
-    if missing:
-        return (f"method {method.name!r} needs tiec.{', tiec.'.join(missing)}, which this tiec does not provide; "
-                f"drop it from --methods")
-    return None
-
-
 def build_configs(method: Method, key_steps: Any, noise_injection: float = 0.003, tome_ratio: float = 0.5,
                   deepcache_interval: int = 3, tome_max_downsample: int = 1) -> list[Any]:
-    """The tiec configs of ``method`` (empty for ``full``); ToMe/DeepCache types are resolved now.
+    """The tiec configs of ``method`` (empty for ``full``).
 
     Example:
         >>> build_configs(parse_method("reuse+noise"), "uniform:5")
         [EncoderPropagationConfig(key_steps='uniform:5', estimator='reuse', ..., noise_injection=0.003, ...)]
     """
-    import tiec
-
-    problem = available(method)
-    if problem:
-        raise ValueError(problem)
     configs: list[Any] = []
     if method.estimator is not None:
-        configs.append(tiec.EncoderPropagationConfig(key_steps=key_steps, estimator=method.estimator,
-                                                     noise_injection=noise_injection if method.noise else 0.0,
-                                                     parallel=not method.serial))
+        configs.append(EncoderPropagationConfig(key_steps=key_steps, estimator=method.estimator,
+                                                noise_injection=noise_injection if method.noise else 0.0,
+                                                parallel=not method.serial))
     if method.deepcache:
-        configs.append(tiec.DeepCacheConfig(cache_interval=deepcache_interval))
+        configs.append(DeepCacheConfig(cache_interval=deepcache_interval))
     if method.tome:
-        configs.append(tiec.TokenMergingConfig(ratio=tome_ratio, max_downsample=tome_max_downsample))
+        configs.append(TokenMergingConfig(ratio=tome_ratio, max_downsample=tome_max_downsample))
     return configs
 
 
