@@ -171,7 +171,7 @@ def test_load_pipeline_offline_and_fast(monkeypatch):
 def test_generate_cli_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     code = main(["generate", "--prompt", "a photo of a bag", "--steps", "5", "--key-steps", "uniform:2",
-                 "--num-images", "3", "--out", str(out)])
+                 "--num-images", "3", "--out", str(out), "--native-size"])
     assert code == 0
     assert Image.open(out).size == (3 * 28, 28)
     assert "encoder runs 2/5" in capsys.readouterr().out

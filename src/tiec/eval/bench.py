@@ -10,7 +10,9 @@ the same arguments skips the rows already there. Images are kept in ``OUT/images
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import statistics
 import time
 import warnings
@@ -40,7 +42,8 @@ class BenchSettings:
         model: ``demo`` (the trained demo model), ``demo-random`` (its architecture with random weights, for
             development) or the path of a local diffusers pipeline folder.
         methods: method names (see ``tiec.eval.methods``); ``full`` is always run first.
-        schedules: ``<sampler><steps>:<key steps>`` strings.
+        schedules: ``<sampler><steps>:<key steps>`` strings, or one comma-separated string; a key-step list is
+            written ``ddim20:0/5/10`` (or ``ddim20:0,5,10``, see ``split_schedules``).
         noise_injection: the weight ``w`` of the ``+noise`` methods (FasterDiffusion: 0.003).
         num_images: images per row (the same seeds and prompts for every row).
         batch_size: images per pipeline call (the first call of a row is the warm-up, timed calls follow).
@@ -48,7 +51,7 @@ class BenchSettings:
         prompts: a text file (one prompt per line) or COCO captions JSON; default the demo's class names.
         clip: a local CLIP model folder for CLIPScore; None: no CLIPScore.
         reference: a folder of reference images for FID; default (demo) the Fashion-MNIST test set.
-        reference_size: use this many reference images (None: all).
+        reference_size: use this many reference images (None: all); more than exist is refused by ``run_bench``.
         device: ``auto``, ``cpu``, ``cuda``...
         out: the output folder.
         guidance_scale: None: the pipeline's default.
@@ -97,32 +100,79 @@ class BenchSettings:
             raise ValueError(f"threads={self.threads!r} must be None or a positive integer")
         if self.reference_size is not None and (not isinstance(self.reference_size, int) or self.reference_size < 2):
             raise ValueError(f"reference_size={self.reference_size!r} must be None or an integer >= 2")
-        if not isinstance(self.noise_injection, (int, float)) or not self.noise_injection >= 0:
-            raise ValueError(f"noise_injection={self.noise_injection!r} must be a number >= 0")
+        if not _is_number(self.noise_injection) or not self.noise_injection >= 0:
+            raise ValueError(f"noise_injection={self.noise_injection!r} must be a finite number >= 0")
+        if self.guidance_scale is not None and not _is_number(self.guidance_scale):
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} must be None or a finite number")
         object.__setattr__(self, "methods", tuple(m.name for m in M.parse_methods(self.methods)))
-        object.__setattr__(self, "schedules", tuple(M.parse_schedule(s).name for s in
-                                                    (self.schedules.split(",") if isinstance(self.schedules, str)
-                                                     else self.schedules) if s.strip()))
+        object.__setattr__(self, "schedules", tuple(M.parse_schedule(s).name for s in split_schedules(self.schedules)))
         if not self.schedules:
             raise ValueError(f"schedules is empty; give at least one, e.g. {M.DEFAULT_SCHEDULES[0]}")
 
     @classmethod
     def create(cls, quick: bool = False, **given: Any) -> "BenchSettings":
-        """Settings from the options actually given (None = not given); ``quick`` fills the others.
-
-        Without explicit ``methods``, the default method list drops (with a warning) the methods whose
-        configs this tiec does not provide.
-        """
+        """Settings from the options actually given (None = not given); ``quick`` fills the others."""
         given = {k: v for k, v in given.items() if v is not None}
         if quick:
             given = {**QUICK, **given}
-        if "methods" not in given:
-            kept = [m for m in M.DEFAULT_METHODS if M.available(M.parse_method(m)) is None]
-            if len(kept) < len(M.DEFAULT_METHODS):
-                warnings.warn(f"default methods {sorted(set(M.DEFAULT_METHODS) - set(kept))} are skipped: this tiec "
-                              f"lacks their configs", stacklevel=2)
-            given["methods"] = tuple(kept)
         return cls(quick=quick, **given)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_STEP_LIST_SCHEDULE = re.compile(r"[a-z]+\d+:\d+(?:/\d+)*")
+
+
+def split_schedules(schedules: str | Sequence[str]) -> list[str]:
+    """Schedule strings from a comma-separated list (or a sequence of them), key-step lists written with ``/``.
+
+    A key-step list may also be written with commas, ``ddim20:0,5,10``: a schedule always starts with its
+    sampler's name, so a bare number after a list schedule can only continue that list.
+
+    Example:
+        >>> split_schedules("ddim20:0,5,10,dpm20:uniform:5")
+        ['ddim20:0/5/10', 'dpm20:uniform:5']
+    """
+    pieces = [q.strip() for p in ([schedules] if isinstance(schedules, str) else schedules) for q in p.split(",")]
+    out: list[str] = []
+    for piece in pieces:
+        if not piece:
+            continue
+        if piece.isdigit() and out and _STEP_LIST_SCHEDULE.fullmatch(out[-1]):
+            out[-1] += f"/{piece}"
+        else:
+            out.append(piece)
+    return out
+
+
+def check_reference_size(settings: BenchSettings, demo: bool) -> None:
+    """ValueError when ``reference_size`` asks for more FID reference images than exist (the report would name
+    a subset that was not used); checked before the model loads.
+
+    Example:
+        >>> check_reference_size(BenchSettings(reference_size=500), demo=True)  # the test set holds 10000
+    """
+    if settings.reference_size is None:
+        return
+    if settings.reference is not None:
+        from .fid import image_files
+
+        available, what = len(image_files(settings.reference)), f"--reference {settings.reference}"
+    elif demo:
+        from ..demo.data import DEFAULT_DATA_DIR, FILES, DataError, _find, read_idx
+
+        folder = Path(settings.data_dir) if settings.data_dir is not None else DEFAULT_DATA_DIR
+        try:  # the labels file is small; a missing data set is reported where the images are loaded
+            available, what = len(read_idx(_find(folder, FILES["test"][1]))), "the Fashion-MNIST test set"
+        except DataError:
+            return
+    else:
+        return
+    if settings.reference_size > available:
+        raise ValueError(f"reference_size={settings.reference_size} (--reference-size): {what} holds {available} "
+                         f"images; use at most {available}, or leave it out to use them all")
 
 
 @dataclass
@@ -375,11 +425,8 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
     main = dist.is_main
     if main and dist.device.type == "cpu":
         _warn_if_cpu_busy()
-    for method in M.parse_methods(settings.methods):
-        problem = M.available(method)
-        if problem:
-            raise ValueError(problem)
     items = plan(settings)
+    check_reference_size(settings, is_demo(pipe) if pipe is not None else settings.model in ("demo", "demo-random"))
     if pipe is None:
         pipe, fingerprint = load_model(settings.model, dist.device)
     else:

@@ -23,6 +23,12 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"--prompts {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--prompts {path} is a folder; expected a text file with one prompt per line or a COCO "
+                         f"captions JSON") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path} is not UTF-8 text (byte {e.start}: {e.reason}); expected a text file "
+                         f"with one prompt per line or a COCO captions JSON") from None
     if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
         try:
             data = json.loads(text)
