@@ -73,6 +73,69 @@ def test_merge_is_the_mean_and_counts_are_n_minus_r():
         bipartite_soft_matching(x, 5, 4, 2, 2, r=1)
 
 
+def test_matching_makes_no_device_copies(monkeypatch):
+    """The partition is drawn and indexed on the tokens' device, with a generator of that device."""
+    copies = []
+    for name in ("cpu", "cuda", "to"):
+        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            copies.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    x = torch.randn(2, 64, 8)
+    for generator in (None, torch.Generator().manual_seed(0)):
+        merge, unmerge = bipartite_soft_matching(x, 8, 8, 2, 2, r=20, generator=generator)
+        unmerge(merge(x))
+    assert copies == []
+    dst, src = grid_partition(5, 6, 2, 2, torch.Generator().manual_seed(3), device="cpu")
+    monkeypatch.undo()
+    assert copies == []
+    assert dst.device == src.device == torch.device("cpu") and src.tolist() == sorted(src.tolist())
+
+
+def test_tome_draws_with_its_own_generator_where_the_tokens_are(sd_pipe, monkeypatch):
+    import tiec.tome
+    seen, original = [], tiec.tome.bipartite_soft_matching
+
+    def spy(metric, *args, **kwargs):
+        generator = args[-1] if len(args) == 6 else kwargs.get("generator")
+        seen.append((metric.device, None if generator is None else generator.device))
+        return original(metric, *args, **kwargs)
+    monkeypatch.setattr(tiec.tome, "bipartite_soft_matching", spy)
+    user = torch.Generator().manual_seed(0)
+    state, user_state = torch.get_rng_state(), user.get_state()
+    with tiec.apply(sd_pipe, ToMe(use_rand=True)):
+        first = run(sd_pipe, "sd", steps=2)
+        second = run(sd_pipe, "sd", steps=2)
+    assert np.array_equal(first, second)  # deterministic: tiec's generator restarts at every call
+    assert seen and all(device == generator for device, generator in seen)
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(user.get_state(), user_state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tome_on_cuda_draws_on_the_device_without_syncs():
+    device = torch.device("cuda")
+    x = torch.randn(2, 256, 32, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        merge, unmerge = bipartite_soft_matching(x, 16, 16, 2, 2, r=128, generator=generator)
+        out = unmerge(merge(x))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == x.shape and out.device.type == "cuda"
+    unet = tiny_unet().to(device)
+    sample, text = torch.randn(2, 4, 16, 16, device=device), torch.randn(2, 7, 32, device=device)
+    with torch.no_grad(), tiec.apply(unet, ToMe(ratio=0.5)) as handle:
+        outs = []
+        for _ in range(2):
+            handle.start_run(1)  # restarts tiec's generators
+            outs.append(unet(sample, 500, text).sample)
+        part = handle.parts[0]
+        assert [g.device.type for g in part._generators.values()] == ["cuda"]
+    assert torch.equal(outs[0], outs[1])
+
+
 # -- on models -------------------------------------------------------------------------------------
 def test_ratio_zero_is_bitwise_plain_and_removal_restores(sd_pipe):
     unet = sd_pipe.unet
@@ -152,7 +215,7 @@ def test_demo_pipeline():
     plain = sample()
     with tiec.apply(pipe, ToMe(ratio=0.5, max_downsample=2)) as handle:
         out = sample()
-    assert handle.stats["merged_blocks"] == 3 * 3  # level 1 (16 x 16): one down and two up blocks
+    assert handle.stats["merged_blocks"] == 3 * 5  # level 1 (16 x 16): two down and three up blocks
     assert out.shape == plain.shape and not np.array_equal(out, plain)
     assert np.array_equal(sample(), plain)
 

@@ -24,6 +24,7 @@ class Part:
 
     # -- life cycle ---------------------------------------------------------------------------
     def install(self) -> None:
+        """Attach the call observer (subclasses then add their patches); ``detach`` undoes a partial install."""
         self.active = True
         if self.pipe is not None:
             self._unobserve = observe_calls(self.pipe, self)
@@ -33,21 +34,38 @@ class Part:
         self._patches.append(patch)
         return patch
 
+    def check_removable(self) -> None:
+        """Raise ``RuntimeError`` (changing nothing) if ``detach`` could not undo every patch."""
+        for patch in self._patches:
+            patch.check_removable()
+
+    def check_linked(self) -> None:
+        """Raise ``RuntimeError`` if other code replaced one of this part's patches since it was installed."""
+        for patch in self._patches:
+            if not patch.linked():
+                raise RuntimeError(
+                    f"tiec: the {type(self).__name__} patch of {patch.where()} was replaced by other code after "
+                    f"tiec.apply (e.g. accelerate's remove_hook_from_module, which enable_model_cpu_offload and "
+                    f"remove_all_hooks call); call handle.remove(), then tiec.apply again")
+
     def detach(self) -> None:
-        """Remove every patch; idempotent."""
-        if not self.active:
-            return
-        self.active = False
-        for patch in reversed(self._patches):
-            patch.remove()
-        self._patches.clear()
-        if self._unobserve is not None:
-            self._unobserve()
-            self._unobserve = None
-        self.reset()
+        """Remove every patch and the call observer; idempotent, and complete after a partial ``install``."""
+        self.check_removable()
+        was_active, self.active = self.active, False
+        try:
+            for patch in reversed(self._patches):
+                patch.remove()
+        finally:
+            self._patches.clear()
+            if self._unobserve is not None:
+                self._unobserve()
+                self._unobserve = None
+            if was_active:
+                self.reset()
 
     # -- per pipeline call -------------------------------------------------------------------
     def begin_call(self, pipe: Any) -> None:
+        self.check_linked()
         self.reset()
         self.stats = self.new_stats()
 

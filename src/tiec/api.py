@@ -48,6 +48,10 @@ def applied_parts(unet: torch.nn.Module, pipe: Any | None = None) -> list[Part]:
 class Handle:
     """What ``tiec.apply`` returns: the applied methods, their counters, and the way to remove them.
 
+    A pipeline with tiec applied keeps per-call state (step cursor, feature caches, counters, ToMe's generator)
+    in the parts of this handle, so one such pipeline object is not safe to call from several threads at once:
+    give each thread its own pipeline (and its own ``tiec.apply``).
+
     Example:
         >>> with tiec.apply(pipe, tiec.EncoderPropagationConfig()) as handle:
         ...     image = pipe("a cat").images[0]
@@ -57,6 +61,11 @@ class Handle:
 
     def __init__(self, target: Any, parts: list[Part]):
         self.target, self.parts = target, parts
+
+    @property
+    def active(self) -> bool:
+        """False once ``remove()`` ran or a later ``tiec.apply`` replaced every method of this handle."""
+        return any(part.active for part in self.parts)
 
     @property
     def stats(self) -> Mapping[str, int]:
@@ -79,14 +88,26 @@ class Handle:
             >>> handle.start_run(len(scheduler.timesteps))
         """
         for part in self.parts:
+            if part.active:
+                part.check_linked()
+        for part in self.parts:
             part.start_run(num_steps)
 
     def remove(self) -> None:
-        """Take every method of this handle off; the model is then exactly as before ``apply``."""
+        """Take every method of this handle off; the model is then exactly as before ``apply``.
+
+        Idempotent. Raises ``RuntimeError``, changing nothing, where other code wrapped a tiec patch after
+        ``apply`` in a way tiec cannot undo (accelerate's offload hooks are undone); remove that first.
+        """
+        for part in self.parts:
+            part.check_removable()
         for part in reversed(self.parts):
             part.detach()
 
     def __enter__(self) -> "Handle":
+        if not self.active:
+            raise RuntimeError("tiec: this handle was removed (handle.remove(), the end of a `with` block, or a later "
+                               "tiec.apply of the same config types); call tiec.apply again for a new handle")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -105,6 +126,18 @@ def apply(target: Any, *configs: Any) -> Handle:
     A config of a type already applied replaces the earlier one (whose handle then removes nothing);
     configs of different types compose. Encoder propagation and DeepCache both cache UNet features and
     cannot be combined.
+
+    All or nothing: the new methods are installed first and the methods they replace are taken off only
+    once every install succeeded. If any install fails, everything this call did is undone and the error
+    propagates: the pipeline is exactly as before (its class, every module's attributes, its outputs),
+    earlier methods included.
+
+    accelerate's CPU offload (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) works in
+    either order with ``apply``, also through the removal and re-adding of hooks that model offload does
+    after every call: tiec's patches sit beneath accelerate's hooks, and ``remove()`` leaves the hooks in
+    place. Other code that wraps a patched ``forward`` after ``apply`` (diffusers' ``HookRegistry`` hooks,
+    for one) has to go before tiec can: ``remove()`` says so, changing nothing. Code that replaces a
+    patched method outright makes the next pipeline call raise ``RuntimeError``.
 
     Example:
         >>> handle = tiec.apply(pipe, tiec.EncoderPropagationConfig(estimator="extrapolate"))
@@ -130,15 +163,21 @@ def apply(target: Any, *configs: Any) -> Handle:
         raise ValueError("EncoderPropagationConfig and DeepCacheConfig cannot be combined: both cache UNet "
                          "features, in conflicting ways; apply one of them (remove the other first)")
     for part in replaced:
-        part.detach()
+        part.check_removable()
     parts: list[Part] = []
     try:
         for config in configs:
             part = registry[type(config)](config, unet, pipe)
+            parts.append(part)  # before install: a part that fails halfway is undone too
             part.install()
-            parts.append(part)
-    except BaseException:
+    except BaseException as error:
         for part in reversed(parts):
-            part.detach()
+            try:
+                part.detach()
+            except BaseException as undo_error:  # keep the original error; say what could not be undone
+                if hasattr(error, "add_note"):
+                    error.add_note(f"tiec could not undo {type(part).__name__}: {undo_error!r}")
         raise
+    for part in replaced:
+        part.detach()
     return Handle(target, parts)

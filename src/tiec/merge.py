@@ -21,34 +21,45 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def grid_partition(h: int, w: int, sx: int, sy: int,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the destination and source tokens of an ``h x w`` row-major grid, on the CPU.
+def grid_partition(h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the destination and source tokens of an ``h x w`` row-major grid, built on ``device``.
 
     The destinations are one token per whole ``sy x sx`` cell: a random one drawn from ``generator``,
     or the first of the cell when ``generator`` is None. Rows and columns left over when ``h`` or ``w``
-    is not a multiple of the cell size hold sources only.
+    is not a multiple of the cell size hold sources only. Nothing is copied between devices and nothing
+    waits for the device: the draw happens on ``device`` (pass a generator of that device).
 
     Args:
         h, w: height and width of the token grid.
         sx, sy: cell width and height.
-        generator: a CPU generator for the random choice, or None for a fixed one.
+        generator: the generator of the random choice, or None for a fixed one.
+        device: where the indices live; default: the generator's device, else the CPU.
+
+    Returns:
+        ``(dst, src)``: the destinations in cell order (row-major cells), the sources in increasing order.
 
     Example:
         >>> grid_partition(4, 4, 2, 2)[0].tolist()
         [0, 2, 8, 10]
     """
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    device = torch.device(device)
     cells_y, cells_x = h // sy, w // sx
     if generator is not None:
-        choice = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=generator.device).cpu()
+        choice = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=generator.device)
+        if choice.device != device:  # a generator of another device still works, at the price of a copy
+            choice = choice.to(device)
     else:
-        choice = torch.zeros(cells_y, cells_x, dtype=torch.long)
-    rows = torch.arange(cells_y).view(-1, 1) * sy + choice // sx
-    cols = torch.arange(cells_x).view(1, -1) * sx + choice % sx
+        choice = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
+    rows = torch.arange(cells_y, device=device).view(-1, 1) * sy + choice // sx
+    cols = torch.arange(cells_x, device=device).view(1, -1) * sx + choice % sx
     dst = (rows * w + cols).reshape(-1)
-    is_src = torch.ones(h * w, dtype=torch.bool)
-    is_src[dst] = False
-    return dst, is_src.nonzero().reshape(-1)
+    is_dst = torch.zeros(h * w, dtype=torch.uint8, device=device).index_fill_(0, dst, 1)
+    # the sources in increasing order, without nonzero() (whose output size would need a device sync)
+    src = torch.sort(is_dst, stable=True).indices[:h * w - dst.numel()]
+    return dst, src
 
 
 def bipartite_soft_matching(metric: torch.Tensor, w: int, h: int, sx: int, sy: int, r: int,
@@ -61,8 +72,9 @@ def bipartite_soft_matching(metric: torch.Tensor, w: int, h: int, sx: int, sy: i
         w, h: width and height of the token grid.
         sx, sy: destination cell size: one destination per ``sy x sx`` cell.
         r: how many tokens to remove; at most the number of sources (capped).
-        generator: CPU generator choosing each cell's destination at random; None takes the first
-            token of each cell (what must happen when two calls have to match exactly).
+        generator: generator choosing each cell's destination at random, on ``metric``'s device (no copy,
+            no sync); None takes the first token of each cell (what must happen when two calls have to
+            match exactly).
 
     Returns:
         ``(merge, unmerge)``: ``merge`` maps ``(B, N, D)`` to ``(B, N - r, D)`` (each merged source is
@@ -80,7 +92,7 @@ def bipartite_soft_matching(metric: torch.Tensor, w: int, h: int, sx: int, sy: i
         raise ValueError(f"metric has {tokens} tokens but the grid h={h} x w={w} holds {h * w}")
     if r <= 0 or h // sy == 0 or w // sx == 0:
         return _identity, _identity
-    dst_idx, src_idx = (i.to(metric.device) for i in grid_partition(h, w, sx, sy, generator))
+    dst_idx, src_idx = grid_partition(h, w, sx, sy, generator, device=metric.device)
     num_src = src_idx.numel()
     r = min(r, num_src)
     if r == 0:

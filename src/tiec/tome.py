@@ -34,8 +34,9 @@ class TokenMergingConfig:
             two. Default 1 (SD1.x: 5 of 16 blocks; SDXL has no attention at that level, use 2).
         sx, sy: size of the cells holding one destination token each. Bigger: fewer destinations, coarser
             merging. Default 2 x 2.
-        use_rand: pick each cell's destination at random (tiec's own seeded generator, the same for the two
-            halves of a guided batch); False takes the first token of each cell. Default True.
+        use_rand: pick each cell's destination at random (tiec's own seeded generator on the device of the
+            tokens, restarted at every pipeline call, the same partition for the two halves of a guided batch);
+            False takes the first token of each cell. Default True.
         merge_attn: merge before self-attention (the biggest saving). Default True.
         merge_crossattn: merge before cross-attention. Default False.
         merge_mlp: merge before the feed-forward layer (costs quality). Default False.
@@ -90,7 +91,7 @@ class TokenMerging(Part):
         super().install()
         self._size: tuple[int, int] | None = None   # latent height, width of the UNet call running now
         self._matching: _Matching | None = None       # of the block running now
-        self._generator = torch.Generator().manual_seed(SEED)
+        self._generators: dict[torch.device, torch.Generator] = {}  # tiec's own, one per device, made on demand
         self.patch(self.unet, "forward", self._unet_forward)
         layers = [("attn1", self.config.merge_attn), ("attn2", self.config.merge_crossattn),
                   ("ff", self.config.merge_mlp)]
@@ -109,12 +110,27 @@ class TokenMerging(Part):
 
     def begin_call(self, pipe: Any) -> None:
         super().begin_call(pipe)
-        self._generator.manual_seed(SEED)
+        self._restart_generators()
 
     def start_run(self, num_steps: int) -> None:
-        """Restart the counters and the generator (a bare UNet's sampling loop)."""
+        """Restart the counters and the generators (a bare UNet's sampling loop)."""
         self.stats = self.new_stats()
-        self._generator.manual_seed(SEED)
+        self._restart_generators()
+
+    def _restart_generators(self) -> None:
+        for generator in self._generators.values():
+            generator.manual_seed(SEED)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """tiec's generator on ``device``: the partition is drawn where the tokens are (no copy, no sync).
+
+        Each device draws its own sequence (a CUDA generator's numbers differ from the CPU's), the same at
+        every pipeline call; never the user's generator or the global one.
+        """
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device).manual_seed(SEED)
+        return generator
 
     def reset(self) -> None:
         self._size, self._matching = None, None
@@ -173,7 +189,7 @@ class TokenMerging(Part):
         h, w = grid
         # An odd batch is no guided pair (or one half of a pair run separately): a fixed partition keeps
         # the two evaluations of one step consistent.
-        generator = self._generator if self.config.use_rand and batch % 2 == 0 else None
+        generator = self._generator(hidden.device) if self.config.use_rand and batch % 2 == 0 else None
         merge, unmerge = bipartite_soft_matching(hidden, w, h, self.config.sx, self.config.sy, r, generator)
         return _Matching(merge, unmerge, batch, tokens)
 
