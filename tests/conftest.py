@@ -1,4 +1,5 @@
-"""Tiny random-weight Stable Diffusion shaped pipelines built from configs: every test runs offline in seconds."""
+"""Tiny random-weight Stable Diffusion shaped pipelines built from configs (``tiec.testing``): every test runs
+offline in seconds."""
 
 from __future__ import annotations
 
@@ -7,17 +8,23 @@ import os
 import pytest
 import torch
 
+from tiec.testing import TINY_SD_UNET_CONFIG, TINY_SDXL_UNET_CONFIG, TINY_VAE_CONFIG
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models gain nothing from threads, and threads oversubscribe a shared 2-core machine badly.
 torch.set_num_threads(1)
 
 SCHEDULERS = ("ddim", "dpm", "euler", "pndm")
+# Schedulers that repeat timesteps (heun, kdpm2: two evaluations per step), add noise (euler_a, lcm) or correct
+# (unipc); tested on the SD pipeline.
+MORE_SCHEDULERS = ("heun", "kdpm2", "euler_a", "unipc", "lcm")
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 def make_scheduler(name: str):
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           PNDMScheduler)
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler,
+                           PNDMScheduler, UniPCMultistepScheduler)
     if name == "ddim":
         return DDIMScheduler(**SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     if name == "dpm":
@@ -26,33 +33,23 @@ def make_scheduler(name: str):
         return EulerDiscreteScheduler(**SD_SCHEDULER)
     if name == "pndm":
         return PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True, steps_offset=1)
+    other = {"heun": HeunDiscreteScheduler, "kdpm2": KDPM2DiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+             "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler}
+    if name in other:
+        return other[name](**SD_SCHEDULER)
     raise ValueError(name)
 
 
 def tiny_unet(xl: bool = False, seed: int = 0):
     from diffusers import UNet2DConditionModel
     torch.manual_seed(seed)
-    if xl:
-        return UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=16)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
-        norm_num_groups=16)
+    return UNet2DConditionModel(**(TINY_SDXL_UNET_CONFIG if xl else TINY_SD_UNET_CONFIG))
 
 
 def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=16, sample_size=32)
+    return AutoencoderKL(**TINY_VAE_CONFIG)
 
 
 def tiny_controlnet(unet, seed: int = 0):

@@ -28,8 +28,20 @@ def line_weight(t_a: float, t_b: float, t: float) -> float:
 
 
 def blend(f_a: Sequence[torch.Tensor], f_b: Sequence[torch.Tensor], w: float) -> Features:
-    """``w*f_a + (1-w)*f_b`` for every tensor; ``w`` = 0 or 1 gives one side back exactly."""
-    return tuple(torch.add(b * (1.0 - w), a, alpha=w) for a, b in zip(f_a, f_b))
+    """``w*f_a + (1-w)*f_b`` for every tensor, as ``f_b + w*(f_a - f_b)``; ``w`` = 0 or 1 gives one side back exactly.
+
+    Half-precision features are blended in float32: with a large extrapolation weight (keys 0, 1, 20 give
+    ``w = -19``) the two terms of the blend nearly cancel, and fp16 arithmetic would lose the difference.
+
+    Example:
+        >>> blend((torch.tensor(1.0),), (torch.tensor(2.0),), -1.0)
+        (tensor(3.),)
+    """
+    def one(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if b.dtype in (torch.float16, torch.bfloat16):
+            return torch.lerp(b.float(), a.float(), w).to(b.dtype)
+        return torch.lerp(b, a, w)
+    return tuple(one(a, b) for a, b in zip(f_a, f_b))
 
 
 def reuse(f_last: Sequence[torch.Tensor]) -> Features:

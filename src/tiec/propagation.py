@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,13 @@ from typing import Any
 import torch
 
 from . import estimators, schedules
-from ._part import Part, loop_timeline, timestep_value
-from ._tree import tile_batch, tree_clone
+from ._part import Part
+from ._timeline import Timeline, timestep_value
+from ._tree import tile_batch, tree_clone, tree_map
 from .split import EncoderSplit, Features
 
+logger = logging.getLogger("tiec")
+DEFAULT_MAX_PARALLEL = 8
 
 BLEND_SPACES = ("t", "log-snr", "step")
 
@@ -39,7 +43,9 @@ class EncoderPropagationConfig:
         parallel: batch the decoders of each key-step group in one call (meant for GPUs; more memory).
             Default True. With a small UNet on a CPU, False (one decoder call per step, the same images)
             was the faster setting (README, Results). A bare UNet (no pipeline) always runs serially.
-        max_parallel: at most this many steps per batched decoder call (bounds memory); None: no cap.
+        max_parallel: at most this many steps per batched decoder call. Default 8: the batched decoder then
+            holds at most 8x the activations of one decoder step (peak memory measured in README, Memory);
+            None: no cap (a 14-step FasterDiffusion group in one call).
         noise_injection: prior noise injection weight ``w``: from the first step with ``t < tau`` on,
             ``w * z_T`` is added to the latent before each step. FasterDiffusion uses 0.003. Default 0 (off).
         noise_injection_tau: the timestep ``tau`` below which noise is injected. Default 500.
@@ -56,7 +62,7 @@ class EncoderPropagationConfig:
     key_steps: schedules.KeyStepSpec = "faster-diffusion"
     estimator: str = "reuse"
     parallel: bool = True
-    max_parallel: int | None = None
+    max_parallel: int | None = DEFAULT_MAX_PARALLEL
     noise_injection: float = 0.0
     noise_injection_tau: float = 500
     blend_space: str = "t"
@@ -83,30 +89,75 @@ class EncoderPropagationConfig:
             raise ValueError(f"max_extrapolation={self.max_extrapolation!r} must be None or a number >= 0")
 
 
-class _Run:
-    """The state of one sampling loop: its timeline, key steps, cursor and cached features."""
+class _Slot:
+    """The cache of one call position within a step (pipelines that call the UNet twice per step get two)."""
 
-    def __init__(self, config: EncoderPropagationConfig, num_steps: int, timesteps: list[float] | None):
-        self.num_steps, self.timesteps = num_steps, timesteps
+    def __init__(self):
+        self.features: dict[int, Features] = {}      # the last two key steps with distinct coordinates
+        self.key_coords: dict[int, float] = {}       # key step -> its coordinate in the blend space
+        self.predicted: dict[int, Features] = {}     # look-ahead features of the next key step, by key step
+        self.queue: dict[int, torch.Tensor] = {}     # batched decoder outputs of the steps to come
+        self.control: Any = None                     # ControlNet output of the last key step
+        self.control_scale: Any = None               # and the conditioning scale it was computed with
+
+    def store(self, step: int, coord: float, features: Features) -> int:
+        """Keep the features of key step ``step``; returns how many queued decodes it made useless."""
+        # A key step at the coordinate of the previous one (a repeated timestep: Heun, KDPM2) replaces it, so
+        # that the two kept key steps always span a line; features of another batch size (guidance switched off
+        # by a callback) cannot be blended with these.
+        batch = features[0].shape[0]
+        for old in [k for k, c in self.key_coords.items() if c == coord or self.features[k][0].shape[0] != batch]:
+            self._drop(old)
+        self.key_coords[step], self.features[step] = coord, features
+        for old in sorted(self.features)[:-2]:
+            self._drop(old)
+        unused = len(self.queue)
+        self.queue.clear()
+        return unused
+
+    def _drop(self, step: int) -> None:
+        self.features.pop(step, None)
+        self.key_coords.pop(step, None)
+        self.predicted.pop(step, None)
+
+    def batch(self) -> int | None:
+        return next(iter(self.features.values()))[0].shape[0] if self.features else None
+
+
+class _Run:
+    """The state of one sampling loop: its timeline, key steps, step cursor and per-slot caches."""
+
+    def __init__(self, config: EncoderPropagationConfig, num_steps: int, timeline: Timeline | None):
+        self.num_steps, self.timeline = num_steps, timeline
+        self.timesteps = timeline.values if timeline is not None else None
         self.key_steps = schedules.resolve(config.key_steps, num_steps)
         self.key_set = frozenset(self.key_steps)
         self.step = -1
-        self.opened_by_controlnet = False
-        self.key_coords: dict[int, float] = {}  # key step -> its coordinate in the blend space
-        self.features: dict[int, Features] = {}      # the last two key steps
-        self.predicted: dict[int, Features] = {}     # look-ahead features of the next key step, by key step
-        self.queue: dict[int, tuple[float, torch.Tensor]] = {}
-        self.control: Any = None
+        self.calls: dict[str, int] = {"unet": 0, "controlnet": 0}  # calls of each kind in the current step
+        self.calls_per_step = 1  # UNet calls of the first step, learned when the second begins
+        self.slots: dict[int, _Slot] = {}
         self.z_T: torch.Tensor | None = None
 
-    def advance(self, caller: str) -> int:
-        """Move the cursor for a UNet or ControlNet call; whichever comes first in a step opens it."""
-        if caller == "unet" and self.opened_by_controlnet:
-            self.opened_by_controlnet = False
-            return self.step
-        self.step += 1
-        self.opened_by_controlnet = caller == "controlnet"
-        return self.step
+    def locate(self, caller: str, timestep: Any) -> tuple[int, _Slot] | None:
+        """The step and cache slot of a UNet or ControlNet call; None for a call outside this loop."""
+        if self.timeline is None:  # a bare UNet: every UNet call is the next step
+            if caller == "controlnet":
+                return None
+            step = self.step + 1
+            if step >= self.num_steps:
+                raise RuntimeError(f"tiec: this run of {self.num_steps} steps is over; call "
+                                   f"handle.start_run(num_steps) before each sampling loop of a bare UNet")
+        else:
+            step = self.timeline.locate(timestep, self.step, self.calls[caller], self.calls_per_step)
+            if step is None or step < self.step:
+                return None
+        if step != self.step:
+            if self.step == 0:
+                self.calls_per_step = max(1, self.calls["unet"])
+            self.step, self.calls = step, {"unet": 0, "controlnet": 0}
+        slot = self.calls[caller]
+        self.calls[caller] += 1
+        return step, self.slots.setdefault(slot, _Slot())
 
     def last_key(self, step: int) -> int:
         return max(k for k in self.key_steps if k <= step)
@@ -116,13 +167,6 @@ class _Run:
 
     def time(self, step: int) -> float | None:
         return self.timesteps[step] if self.timesteps is not None else None
-
-    def store(self, step: int, coord: float, features: Features) -> None:
-        self.key_coords[step] = coord
-        self.features[step] = features
-        for old in sorted(self.features)[:-2]:
-            del self.features[old]
-            self.predicted.pop(old, None)
 
 
 class EncoderPropagation(Part):
@@ -137,22 +181,47 @@ class EncoderPropagation(Part):
         if self.pipe is None and self.config.blend_space == "log-snr":
             raise ValueError("blend_space='log-snr' needs a pipeline (its scheduler's alphas_cumprod); "
                              "apply it to the pipeline rather than to the bare UNet")
+        if self.config.estimator == "interpolate" and hasattr(type(self.pipe), "image_guidance_scale"):
+            raise ValueError(f"estimator='interpolate' does not support {type(self.pipe).__name__}: its look-ahead "
+                             f"needs the guided prediction of a two-way guidance batch, and this pipeline guides "
+                             f"a three-way batch with an image scale; use 'reuse' or 'extrapolate'")
         super().install()
         self._run: _Run | None = None
         self._pending = False
+        self._noise_patch = None
+        self._warned: set[str] = set()
         self._signature = inspect.signature(self.unet.forward)
         self.split = EncoderSplit(self, self.unet)
-        self.patch(self.unet, "forward", self._unet_forward)
+        # The step logic (data-dependent Python) stays out of torch.compile's graphs: compiled whole, the UNet
+        # then runs eagerly under tiec; compile its blocks instead (README, torch.compile).
+        self.patch(self.unet, "forward", torch.compiler.disable(self._unet_forward))
         controlnet = getattr(self.pipe, "controlnet", None) if self.pipe is not None else None
         if isinstance(controlnet, torch.nn.Module):
-            self.patch(controlnet, "forward", self._controlnet_forward)
+            self._controlnet_signature = inspect.signature(controlnet.forward)
+            self.patch(controlnet, "forward", torch.compiler.disable(self._controlnet_forward))
         self.stats = self.new_stats()
 
     def new_stats(self) -> dict[str, int]:
         return {"unet_calls": 0, "encoder_runs": 0, "decoder_runs": 0, "lookahead_runs": 0,
-                "batched_decoder_calls": 0, "controlnet_runs": 0}
+                "batched_decoder_calls": 0, "controlnet_runs": 0,
+                # fallbacks, each also logged once at debug level:
+                "plain_calls": 0,        # UNet calls that are no step of the loop (run plain)
+                "recomputed_steps": 0,   # non-key steps run in full: their batch no longer matched the cache
+                "unused_decodes": 0,     # batched decodes of steps that were never called (an interrupt)
+                "lookahead_unguided": 0}  # look-ahead jumps made without guidance (not a two-way batch)
+
+    def _fallback(self, counter: str, message: str) -> None:
+        self.stats[counter] += 1
+        if counter not in self._warned:
+            self._warned.add(counter)
+            logger.debug("tiec: %s (counted in stats[%r]; logged once)", message, counter)
 
     def reset(self) -> None:
+        run = getattr(self, "_run", None)
+        if run is not None and run.timeline is not None:
+            unused = sum(len(slot.queue) for slot in run.slots.values())
+            if unused:
+                self.stats["unused_decodes"] += unused
         self._run, self._pending = None, False
 
     # -- runs ------------------------------------------------------------------------------------
@@ -164,10 +233,9 @@ class EncoderPropagation(Part):
             self._noise_patch = self.patch(pipe.scheduler, "step", self._scheduler_step)
 
     def end_call(self, pipe: Any) -> None:
-        patch = getattr(self, "_noise_patch", None)
-        if patch is not None:
-            patch.remove()
-            self._patches.remove(patch)
+        if self._noise_patch is not None:
+            self._noise_patch.remove()
+            self._patches.remove(self._noise_patch)
             self._noise_patch = None
         super().end_call(pipe)
 
@@ -179,61 +247,77 @@ class EncoderPropagation(Part):
     def _current_run(self, timestep: Any) -> _Run | None:
         if self._pending:
             self._pending = False
-            timeline = loop_timeline(self.pipe.scheduler, timestep)
+            try:
+                denoising_end = getattr(self.pipe, "denoising_end", None)
+            except Exception:  # a pipeline property that cannot be read outside its own call
+                denoising_end = None
+            timeline = Timeline(self.pipe.scheduler, timestep, denoising_end)
             self._run = _Run(self.config, len(timeline), timeline)
         return self._run
 
     # -- ControlNet -----------------------------------------------------------------------------
     def _controlnet_forward(self, inner, *args, **kwargs):
-        run = self._current_run(args[1] if len(args) > 1 else kwargs.get("timestep"))
-        if run is None or self.split.mode is not None:
+        if self.split.mode is not None:
             return inner(*args, **kwargs)
-        step = run.advance("controlnet")
-        if step in run.key_set or step >= run.num_steps or run.control is None:
+        call = self._controlnet_signature.bind(*args, **kwargs).arguments
+        run = self._current_run(call.get("timestep"))
+        located = run.locate("controlnet", call.get("timestep")) if run is not None else None
+        if located is None:
+            return inner(*args, **kwargs)
+        step, slot = located
+        scale = _plain(call.get("conditioning_scale", 1.0))
+        if step in run.key_set or slot.control is None or not _same_shape(slot.control, call.get("sample")):
             out = inner(*args, **kwargs)
-            run.control = tree_clone(out)
+            slot.control, slot.control_scale = tree_clone(out), scale
             self.stats["controlnet_runs"] += 1
             return out
-        return tree_clone(run.control)
+        if scale == slot.control_scale:
+            return tree_clone(slot.control)
+        if _is_zero(scale):  # outside control_guidance_start/end: the ControlNet's residuals are zeros
+            return tree_map(torch.zeros_like, slot.control)
+        # Another scale than the key step's (control_guidance_start/end): run it for this step.
+        self.stats["controlnet_runs"] += 1
+        return inner(*args, **kwargs)
 
     # -- UNet -------------------------------------------------------------------------------------
     def _unet_forward(self, inner, *args, **kwargs):
         if self.split.mode is not None:
             return inner(*args, **kwargs)
-        bound = self._signature.bind(*args, **kwargs)
-        call = dict(bound.arguments)
+        call = dict(self._signature.bind(*args, **kwargs).arguments)
+        self.split.refresh()
         run = self._current_run(call["timestep"])
         if run is None:
             if self.pipe is None:
                 raise RuntimeError("tiec: call handle.start_run(num_steps) before each sampling loop of a bare UNet")
             return inner(**call)
         self.stats["unet_calls"] += 1
-        step = run.advance("unet")
-        if step >= run.num_steps:
+        located = run.locate("unet", call["timestep"])
+        if located is None:
+            self._fallback("plain_calls", "a UNet call whose timestep is no step of the loop ran the plain UNet")
             return inner(**call)
+        step, slot = located
         t = run.time(step)
         if t is None:
             t = timestep_value(call["timestep"])
-        if step in run.key_set:
-            return self._key_step(inner, run, step, t, call)
-        return_dict = call.get("return_dict", True)
-        queued = run.queue.pop(step, None)
-        if queued is not None and queued[0] == timestep_value(call["timestep"]):
-            out = queued[1]
-        else:
-            out = self._decode(inner, run, self._group(run, step), t, call)
-        return self._wrap(out, return_dict)
+        if step in run.key_set or slot.batch() != call["sample"].shape[0]:
+            if step not in run.key_set:
+                self._fallback("recomputed_steps", "a non-key step ran in full: its batch differs from the "
+                               "cached key step's (or no key step ran in this call position)")
+            return self._key_step(inner, run, slot, step, t, call)
+        queued = slot.queue.pop(step, None)
+        out = queued if queued is not None else self._decode(inner, run, slot, self._group(run, step), call)
+        return self._wrap(out, call.get("return_dict", True))
 
-    def _key_step(self, inner, run: _Run, step: int, t: float, call: dict) -> Any:
+    def _key_step(self, inner, run: _Run, slot: _Slot, step: int, t: float, call: dict) -> Any:
         out, features = self.split.capture(lambda: inner(**call))
-        run.store(step, self._coord(step, t), features)
-        run.queue.clear()
+        self.stats["unused_decodes"] += slot.store(step, self._coord(step, t), features)
         self.stats["encoder_runs"] += 1
         self.stats["decoder_runs"] += 1
         next_key = run.next_key(step)
-        if self.config.estimator == "interpolate" and next_key is not None and next_key > step + 1:
+        if self.config.estimator == "interpolate" and next_key is not None and next_key > step + 1 \
+                and run.time(next_key) != t:
             sample = out[0] if isinstance(out, tuple) else out.sample
-            run.predicted[step] = self._look_ahead(inner, run, t, run.time(next_key), sample, call)
+            slot.predicted[step] = self._look_ahead(inner, t, run.time(next_key), sample, call)
         return out
 
     def _group(self, run: _Run, step: int) -> list[int]:
@@ -245,32 +329,59 @@ class EncoderPropagation(Part):
             end = min(end, step + self.config.max_parallel)
         return list(range(step, end))
 
-    def _decode(self, inner, run: _Run, steps: list[int], t: float, call: dict) -> torch.Tensor:
-        """Decode ``steps`` (the first at timestep ``t``) in one UNet call with the encoder skipped.
+    def _decode(self, inner, run: _Run, slot: _Slot, steps: list[int], call: dict) -> torch.Tensor:
+        """Decode ``steps`` (the first being this call's) in one UNet call with the encoder skipped.
 
-        The first step's output is returned, the others are queued for the calls to come.
+        The first step's output is returned, the others are queued for the calls to come. The decoder never
+        sees a cached tensor: FreeU and adapters write into what they are given.
         """
-        per_step = [self._estimate(run, s, t if i == 0 else run.timesteps[s]) for i, s in enumerate(steps)]
         call = dict(call, return_dict=False)
-        if len(steps) > 1:
-            sample = call["sample"]
-            batch, times = sample.shape[0], len(steps)
-            timestep = call["timestep"]
-            dtype = timestep.dtype if isinstance(timestep, torch.Tensor) else torch.float32
-            values = torch.tensor([run.timesteps[s] for s in steps], dtype=torch.float64)
-            call = {k: (v if k in ("sample", "timestep") else tile_batch(v, batch, times)) for k, v in call.items()}
-            call["sample"] = sample.repeat(times, *([1] * (sample.ndim - 1)))
-            call["timestep"] = values.repeat_interleave(batch).to(device=sample.device, dtype=dtype)
-            features = tuple(torch.cat(parts) for parts in zip(*per_step))
-            self.stats["batched_decoder_calls"] += 1
+        if len(steps) == 1:
+            features = self._estimate(run, slot, steps[0])
+            if any(f is c for f, c in zip(features, slot.features[max(slot.features)])):
+                features = tuple(f.clone() for f in features)
         else:
-            features = per_step[0]
+            features, call = self._batched_inputs(run, slot, steps, call)
+            self.stats["batched_decoder_calls"] += 1
         out = self.split.decode(lambda: inner(**call), features)[0]
         self.stats["decoder_runs"] += len(steps)
         outs = out.chunk(len(steps))
         for s, o in zip(steps[1:], outs[1:]):
-            run.queue[s] = (run.timesteps[s], o)
+            slot.queue[s] = o
         return outs[0]
+
+    def _batched_inputs(self, run: _Run, slot: _Slot, steps: list[int], call: dict) -> tuple[Features, dict]:
+        """The features and UNet inputs of one decoder call for ``steps``, laid out step-major.
+
+        The features are written into one buffer step by step (no second copy); the latent is a broadcast view
+        (the decoder never reads it); ControlNet residuals, the same for every step of the group, are added to
+        the features here instead of being tiled per step.
+        """
+        sample, timestep = call["sample"], call["timestep"]
+        batch, times = sample.shape[0], len(steps)
+        down_control, mid_control = call.get("down_block_additional_residuals"), call.get("mid_block_additional_residual")
+        control = None
+        if down_control is not None and mid_control is not None and len(down_control) + 1 == self.split.num_features:
+            control = tuple(down_control) + (mid_control,)
+            call["down_block_additional_residuals"] = call["mid_block_additional_residual"] = None
+        buffers: list[torch.Tensor] | None = None
+        for i, s in enumerate(steps):
+            features = self._estimate(run, slot, s)
+            if buffers is None:
+                buffers = [f.new_empty((times * batch,) + f.shape[1:]) for f in features]
+            for j, f in enumerate(features):
+                part = buffers[j][i * batch:(i + 1) * batch]
+                if control is not None:
+                    torch.add(f, control[j], out=part)
+                else:
+                    part.copy_(f)
+        dtype = timestep.dtype if isinstance(timestep, torch.Tensor) else torch.float32
+        values = torch.tensor([run.timesteps[s] for s in steps], dtype=torch.float64)
+        call = {k: (v if k in ("sample", "timestep") else tile_batch(v, batch, times)) for k, v in call.items()}
+        # A view of the right shape: with the encoder skipped, the decoder reads only the latent's shape and dtype.
+        call["sample"] = sample[:1].expand(times * batch, *sample.shape[1:])
+        call["timestep"] = values.repeat_interleave(batch).to(device=sample.device, dtype=dtype)
+        return tuple(buffers), call
 
     def _coord(self, step: int, t: float) -> float:
         """The position of a step on the axis along which the estimators are linear."""
@@ -282,36 +393,52 @@ class EncoderPropagation(Part):
         alpha = _alpha_at(self.pipe.scheduler.alphas_cumprod, t)
         return math.log(alpha / (1.0 - alpha))
 
-    def _estimate(self, run: _Run, step: int, t: float) -> Features:
-        """The features step ``step`` (at timestep ``t``) decodes from, by the configured estimator."""
-        key = run.last_key(step)
-        current = run.features[key]
+    def _estimate(self, run: _Run, slot: _Slot, step: int) -> Features:
+        """The features step ``step`` decodes from, by the configured estimator (may alias the cache)."""
+        key = max(slot.features)
+        current = slot.features[key]
         estimator = self.config.estimator
-        here = self._coord(step, t)
-        if estimator == "interpolate" and key in run.predicted:
+        t = run.time(step)
+        here = self._coord(step, t if t is not None else 0.0)
+        if estimator == "interpolate" and key in slot.predicted:
             next_key = run.next_key(step)
-            return estimators.interpolate(current, run.predicted[key], run.key_coords[key],
+            return estimators.interpolate(current, slot.predicted[key], slot.key_coords[key],
                                           self._coord(next_key, run.time(next_key)), here)
-        if estimator in ("extrapolate", "interpolate") and len(run.features) == 2:
-            previous = min(run.features)
-            return estimators.extrapolate(run.features[previous], current, run.key_coords[previous],
-                                          run.key_coords[key], here, self.config.max_extrapolation)
+        if estimator in ("extrapolate", "interpolate") and len(slot.features) == 2:
+            previous = min(slot.features)
+            return estimators.extrapolate(slot.features[previous], current, slot.key_coords[previous],
+                                          slot.key_coords[key], here, self.config.max_extrapolation)
         return estimators.reuse(current)
 
-    def _look_ahead(self, inner, run: _Run, t: float, t_next: float, model_output: torch.Tensor,
-                    call: dict) -> Features:
-        """Encoder features at the next key step, from a one-step DDIM prediction of its latent."""
+    def _look_ahead(self, inner, t: float, t_next: float, model_output: torch.Tensor, call: dict) -> Features:
+        """Encoder features at the next key step, from a one-step DDIM prediction of its latent.
+
+        The latent is the first ``min(in_channels, out_channels)`` channels of the UNet's input (inpainting and
+        InstructPix2Pix append conditioning channels, kept as they are; learned-variance models append a
+        variance half to the output, not used). The prediction is the guided one, as the pipeline forms it.
+        """
         scheduler = self.pipe.scheduler
-        guided = model_output
-        if getattr(self.pipe, "do_classifier_free_guidance", False):
-            uncond, cond = model_output.chunk(2)
-            guided = uncond + self.pipe.guidance_scale * (cond - uncond)
-            guided = torch.cat([guided, guided])
+        sample = call["sample"]
+        channels = min(sample.shape[1], model_output.shape[1])
+        prediction = model_output[:, :channels].float()
+        scale = _guidance_scale(self.pipe)
+        if scale is not None and prediction.shape[0] % 2 == 0:
+            uncond, cond = prediction.chunk(2)
+            guided = uncond + scale * (cond - uncond)
+            rescale = getattr(self.pipe, "guidance_rescale", 0.0) or 0.0
+            if rescale > 0:
+                guided = _rescale_guidance(guided, cond, rescale)
+            prediction = torch.cat([guided, guided])
+        elif scale is not None:
+            self._fallback("lookahead_unguided", "the look-ahead used each sample's own prediction: the guidance "
+                           "batch is not two-way")
         alphas = scheduler.alphas_cumprod
         prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-        sample = call["sample"]
-        x_next = estimators.ddim_jump(sample.float(), guided.float(), _alpha_at(alphas, t), _alpha_at(alphas, t_next),
+        latent = sample[:, :channels]
+        x_next = estimators.ddim_jump(latent.float(), prediction, _alpha_at(alphas, t), _alpha_at(alphas, t_next),
                                       prediction_type).to(sample.dtype)
+        if channels < sample.shape[1]:
+            x_next = torch.cat([x_next, sample[:, channels:]], dim=1)
         timestep = call["timestep"]
         next_timestep = torch.full_like(timestep, t_next) if isinstance(timestep, torch.Tensor) else t_next
         lookahead = dict(call, sample=x_next, timestep=next_timestep)
@@ -329,21 +456,69 @@ class EncoderPropagation(Part):
 
     # -- prior noise injection ------------------------------------------------------------------
     def _scheduler_step(self, inner, *args, **kwargs):
+        """``scheduler.step``, then ``w * z_T`` added to its output from the first step with ``t < tau`` on.
+
+        ``z_T`` is the loop's first latent in variance-preserving form (unit variance for text-to-image), and the
+        injection is carried into the scheduler's own latent space, so that sigma-scaled schedulers (Euler, Heun,
+        ...) inject as much as DDIM does.
+        """
         run = self._run
-        if run is None:
+        if run is None or run.timeline is None:
             return inner(*args, **kwargs)
-        sample = self._step_signature.bind(*args, **kwargs).arguments["sample"]
+        bound = self._step_signature.bind(*args, **kwargs).arguments
+        scheduler = self.pipe.scheduler
         if run.z_T is None:
-            run.z_T = sample.clone()
+            sample = bound["sample"]
+            run.z_T = sample * _input_scale(scheduler, sample, bound["timestep"])
         out = inner(*args, **kwargs)
         nxt = run.step + 1
         if nxt < run.num_steps and run.timesteps[nxt] < self.config.noise_injection_tau:
-            w = self.config.noise_injection
-            if isinstance(out, tuple):
-                out = (out[0] + w * run.z_T.to(out[0].dtype),) + tuple(out[1:])
-            else:
-                out = dataclasses.replace(out, prev_sample=out.prev_sample + w * run.z_T.to(out.prev_sample.dtype))
+            prev = out[0] if isinstance(out, tuple) else out.prev_sample
+            t_next = scheduler.timesteps[run.timeline.start + nxt]
+            added = prev + (self.config.noise_injection * run.z_T / _input_scale(scheduler, prev, t_next)).to(prev.dtype)
+            out = (added,) + tuple(out[1:]) if isinstance(out, tuple) else dataclasses.replace(out, prev_sample=added)
         return out
+
+
+def _input_scale(scheduler: Any, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
+    """The factor ``scheduler.scale_model_input`` applies at ``timestep``: 1 for DDIM, 1/sqrt(sigma^2+1) for Euler."""
+    one = torch.ones((1,) * sample.ndim, device=sample.device, dtype=torch.float32)
+    return scheduler.scale_model_input(one, timestep)
+
+
+def _guidance_scale(pipe: Any) -> float | None:
+    """The pipeline's classifier-free guidance scale while it guides, else None (read without failing)."""
+    try:
+        if not getattr(pipe, "do_classifier_free_guidance", False):
+            return None
+        return float(pipe.guidance_scale)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al., 2023, sec. 3.4): match the guided prediction's std to the conditional one."""
+    dims = list(range(1, guided.ndim))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * matched + (1 - rescale) * guided
+
+
+def _plain(scale: Any) -> Any:
+    """A conditioning scale as plain Python numbers (lists stay lists), for comparisons."""
+    if isinstance(scale, torch.Tensor):
+        return scale.tolist()
+    if isinstance(scale, (list, tuple)):
+        return [_plain(s) for s in scale]
+    return float(scale)
+
+
+def _is_zero(scale: Any) -> bool:
+    return all(_is_zero(s) for s in scale) if isinstance(scale, list) else scale == 0
+
+
+def _same_shape(cached: Any, sample: Any) -> bool:
+    first = cached[0][0] if isinstance(cached, tuple) and isinstance(cached[0], (list, tuple)) else None
+    return not isinstance(sample, torch.Tensor) or first is None or first.shape[0] == sample.shape[0]
 
 
 def _alpha_at(alphas_cumprod: torch.Tensor, t: float) -> float:

@@ -40,11 +40,29 @@ class EncoderSplit:
             self.down_slices.append(slice(offset, offset + count))
             offset += count
         self.num_features = offset + (1 if self.has_mid else 0)
-        part.patch(unet.conv_in, "forward", self._conv_in)
-        for index, block in enumerate(unet.down_blocks):
-            part.patch(block, "forward", self._down_block(index, last=index == len(unet.down_blocks) - 1))
+        self._part, self._unet = part, unet
+        last = len(unet.down_blocks) - 1
+        self._forwards = [self._conv_in] + [self._down_block(i, last=i == last) for i in range(last + 1)]
         if self.has_mid:
-            part.patch(unet.mid_block, "forward", self._mid_block)
+            self._forwards.append(self._mid_block)
+        self._patched: list[tuple[torch.nn.Module, Any]] = [
+            (module, part.patch(module, "forward", fn)) for module, fn in zip(self._parts(), self._forwards)]
+
+    def _parts(self) -> list[torch.nn.Module]:
+        unet = self._unet
+        return [unet.conv_in, *unet.down_blocks] + ([unet.mid_block] if self.has_mid else [])
+
+    def refresh(self) -> None:
+        """Follow parts that other code put in place since (peft wraps ``conv_in`` when a LoRA targets it).
+
+        The features must be what the UNet's forward reads from the module it holds now, not from a wrapped one.
+        """
+        for index, (module, current) in enumerate(zip([m for m, _ in self._patched], self._parts())):
+            if module is not current:
+                old = self._patched[index][1]
+                old.remove()
+                self._part._patches.remove(old)
+                self._patched[index] = (current, self._part.patch(current, "forward", self._forwards[index]))
 
     # -- the three ways to run the UNet ------------------------------------------------------
     def capture(self, call: Callable[[], Any]) -> tuple[Any, Features]:

@@ -1,0 +1,89 @@
+"""Which step of a sampling loop a model call belongs to: the call's own timestep, checked against the timeline.
+
+Calls are not counted: a pipeline may call the UNet several times per step (split guidance batches, SAG) or
+stop early (SDXL's ``denoising_end``, an interrupt), and a scheduler may repeat timesteps (Heun, KDPM2, PNDM).
+Diffusers pipelines pass the UNet a view of ``scheduler.timesteps`` (``for t in timesteps``), so a call's step is
+read from where its timestep tensor sits in that tensor's storage: exact for repeated timesteps and free of
+device syncs. A timestep that is not such a view (a Python number, a converted copy) is matched by value.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+
+def timestep_value(timestep: Any) -> float:
+    """The timestep of one model call as a Python float (a device sync when it lives on a GPU)."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0].item())
+    return float(timestep)
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4 * max(1.0, abs(a))
+
+
+class Timeline:
+    """The timesteps one pipeline call iterates, read once at its first model call (one device sync per call).
+
+    ``start`` is the index in ``scheduler.timesteps`` of the loop's first step (img2img starts later),
+    ``values`` the timesteps of the steps the loop really runs (``denoising_end`` cut off), ``len`` their count.
+    """
+
+    def __init__(self, scheduler: Any, first_timestep: Any, denoising_end: Any = None):
+        self.source = scheduler.timesteps
+        every = [float(t) for t in self.source.tolist()]
+        start = self._storage_index(first_timestep)
+        if start is None:
+            first = timestep_value(first_timestep)
+            start = next((i for i, t in enumerate(every) if _close(t, first)), None)
+        if start is None:
+            warnings.warn(f"tiec: the first timestep {timestep_value(first_timestep)} of this call is not in "
+                          f"scheduler.timesteps; counting the loop from the scheduler's first step")
+            start = 0
+        values = every[start:]
+        end = denoising_end
+        if isinstance(end, float) and 0 < end < 1:
+            # The rule of diffusers' SDXL pipelines: keep the timesteps at or above the cutoff.
+            total = scheduler.config.num_train_timesteps
+            cutoff = int(round(total - end * total))
+            values = values[:sum(1 for t in values if t >= cutoff)]
+        self.start, self.values = start, values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def _storage_index(self, timestep: Any) -> int | None:
+        """The index of ``timestep`` in ``scheduler.timesteps`` if it is a view of it (no device sync)."""
+        source = self.source
+        if not isinstance(timestep, torch.Tensor) or timestep.device.type == "meta" or timestep.numel() == 0:
+            return None
+        if timestep.dtype != source.dtype or timestep.untyped_storage().data_ptr() != \
+                source.untyped_storage().data_ptr() or source.ndim != 1 or source.stride(0) == 0:
+            return None
+        if any(stride != 0 for stride in timestep.stride()) and timestep.numel() > 1:
+            return None  # several distinct timesteps: not one step of the loop
+        offset = timestep.storage_offset() - source.storage_offset()
+        index, rest = divmod(offset, source.stride(0))
+        return index if rest == 0 and 0 <= index < len(source) else None
+
+    def locate(self, timestep: Any, current: int, calls_in_current: int, calls_per_step: int) -> int | None:
+        """The step (index into ``values``) of a call with ``timestep``; None if it is not a step of this loop.
+
+        ``current`` is the step of the previous call (-1 before the first), which ``calls_in_current`` calls have
+        had so far; ``calls_per_step`` is how many calls the first step had (to tell a repeated timestep from
+        another call in the same step when the timestep has to be matched by value).
+        """
+        index = self._storage_index(timestep)
+        if index is not None:
+            step = index - self.start
+            return step if 0 <= step < len(self.values) else None
+        value = timestep_value(timestep)
+        if 0 <= current < len(self.values) and _close(self.values[current], value):
+            repeated = current + 1 < len(self.values) and _close(self.values[current + 1], value)
+            if not repeated or calls_in_current < calls_per_step:
+                return current
+        return next((s for s in range(max(current + 1, 0), len(self.values)) if _close(self.values[s], value)), None)
