@@ -208,5 +208,5 @@ def test_bad_targets_and_configs():
 
 def test_torch_compile_wrapper_gets_a_helpful_error():
     unet = tiny_unet()
-    with pytest.raises(TypeError, match="compile it in place"):
+    with pytest.raises(TypeError, match="compile its blocks in place"):
         tiec.apply(torch.compile(unet), FD())

@@ -252,3 +252,101 @@ def test_controlnet_replay_honours_the_scale_of_each_step():
     # control is on for the first 5 of 10 steps (diffusers keeps step i while (i + 1)/10 <= 0.55) and off after
     assert all(v > 0 for v in seen[:5]) and all(v == 0 for v in seen[5:]), seen
     assert handle.stats["controlnet_runs"] == 2
+
+
+@pytest.mark.parametrize("region", ["whole", "repeated"])
+def test_torch_compile_graphs_are_bounded_and_not_recompiled(region):
+    """tiec's step logic stays out of compiled graphs: nothing new is compiled after the first call."""
+    import torch._dynamo as dynamo
+
+    def count(with_tiec):
+        dynamo.reset()
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        pipe = make_pipe("sd")
+        handle = tiec.apply(pipe, FD(key_steps="every:3", parallel=False)) if with_tiec else None
+        if region == "whole":
+            pipe.unet.compile(backend=backend)
+        else:
+            for module in pipe.unet.modules():
+                if type(module).__name__ in pipe.unet._repeated_blocks:
+                    module.compile(backend=backend)
+        run(pipe, "sd", steps=9)
+        first = len(graphs)
+        out = run(pipe, "sd", steps=9)
+        if handle is not None:
+            handle.remove()
+        return first, len(graphs) - first, out
+
+    plain_graphs, plain_added, _ = count(False)
+    graphs, added, out = count(True)
+    assert added == plain_added == 0
+    # whole-model compile: tiec's forward is a graph break, the UNet runs eagerly; regional: the same graphs as plain
+    assert graphs == (0 if region == "whole" else plain_graphs)
+    assert np.isfinite(out).all()
+
+
+def ip2p_pipe():
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    from tiec.testing import TINY_SD_UNET_CONFIG
+
+    torch.manual_seed(0)
+    components = dict(make_pipe("sd").components, unet=UNet2DConditionModel(**dict(TINY_SD_UNET_CONFIG, in_channels=8)))
+    components.pop("image_encoder", None)
+    pipe = StableDiffusionInstructPix2PixPipeline(**components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["pag", "instruct-pix2pix"])
+def test_pipelines_with_three_way_guidance(kind):
+    """PAG and InstructPix2Pix guide a three-way batch in one UNet call a step (8 input channels for the latter)."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    if kind == "pag":
+        base = make_pipe("sd")
+        components = {k: v for k, v in base.components.items() if k != "image_encoder"}
+        pipe = StableDiffusionPAGPipeline(**components, requires_safety_checker=False, pag_applied_layers=["mid"])
+        pipe.set_progress_bar_config(disable=True)
+        extra, estimators_ = dict(pag_scale=2.0), ("reuse", "extrapolate", "interpolate")
+    else:
+        pipe = ip2p_pipe()
+        g = torch.Generator().manual_seed(3)
+        extra, estimators_ = dict(image=torch.rand(1, 3, 32, 32, generator=g)), ("reuse", "extrapolate")
+
+    def inputs():
+        args = pipe_inputs("sd", steps=8, **extra)
+        if kind != "pag":
+            del args["height"], args["width"]
+        return args
+
+    with torch.no_grad():
+        plain = pipe(**inputs()).images
+        for estimator in estimators_:
+            with tiec.apply(pipe, FD(key_steps="all", estimator=estimator)):
+                assert np.array_equal(pipe(**inputs()).images, plain), estimator
+            outs = {}
+            for parallel in (False, True):
+                with tiec.apply(pipe, FD(key_steps=[0, 3, 5], estimator=estimator, parallel=parallel)) as handle:
+                    outs[parallel] = pipe(**inputs()).images
+                stats = handle.stats
+                assert stats["unet_calls"] == stats["decoder_runs"] == 8
+                assert stats["encoder_runs"] - stats["lookahead_runs"] == 3
+                assert stats["plain_calls"] == stats["recomputed_steps"] == 0
+            assert np.abs(outs[True] - outs[False]).max() < 1e-4, estimator
+
+
+def test_self_attention_guidance_is_refused():
+    """SAG degrades the latent with the mid block's attention map of each step, which a non-key step never computes."""
+    from diffusers import StableDiffusionSAGPipeline
+
+    components = {k: v for k, v in make_pipe("sd").components.items() if k != "image_encoder"}
+    pipe = StableDiffusionSAGPipeline(**components, requires_safety_checker=False)
+    with pytest.raises(ValueError, match="StableDiffusionSAGPipeline"):
+        tiec.apply(pipe, FD())
+    assert type(pipe) is StableDiffusionSAGPipeline

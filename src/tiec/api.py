@@ -28,7 +28,7 @@ def _split_target(target: Any) -> tuple[torch.nn.Module, Any | None]:
         return unet, target
     if isinstance(getattr(target, "_orig_mod", getattr(unet, "_orig_mod", None)), UNet2DConditionModel):
         raise TypeError("tiec.apply got a UNet wrapped by torch.compile; apply tiec to the uncompiled model, "
-                        "then compile it in place with `unet.compile()` (which keeps the module and its patches)")
+                        "then compile its blocks in place with `unet.compile_repeated_blocks()` (README, torch.compile)")
     raise TypeError(f"tiec.apply expects a diffusers UNet2DConditionModel or a pipeline holding one as .unet "
                     f"(with a .scheduler), got {type(target).__name__}")
 

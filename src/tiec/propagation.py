@@ -185,6 +185,10 @@ class EncoderPropagation(Part):
             raise ValueError(f"estimator='interpolate' does not support {type(self.pipe).__name__}: its look-ahead "
                              f"needs the guided prediction of a two-way guidance batch, and this pipeline guides "
                              f"a three-way batch with an image scale; use 'reuse' or 'extrapolate'")
+        if self.pipe is not None and type(self.pipe).__name__.startswith("StableDiffusionSAG"):
+            raise ValueError(f"EncoderPropagationConfig does not support {type(self.pipe).__name__}: self-attention "
+                             f"guidance reads the mid block's attention map of every step, which a non-key step "
+                             f"does not compute")
         super().install()
         self._run: _Run | None = None
         self._pending = False
@@ -489,7 +493,8 @@ def _input_scale(scheduler: Any, sample: torch.Tensor, timestep: Any) -> torch.T
 def _guidance_scale(pipe: Any) -> float | None:
     """The pipeline's classifier-free guidance scale while it guides, else None (read without failing)."""
     try:
-        if not getattr(pipe, "do_classifier_free_guidance", False):
+        if not getattr(pipe, "do_classifier_free_guidance", False) or \
+                getattr(pipe, "do_perturbed_attention_guidance", False):  # PAG: a three-way batch
             return None
         return float(pipe.guidance_scale)
     except (AttributeError, TypeError):
