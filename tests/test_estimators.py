@@ -139,3 +139,42 @@ def test_blend_spaces_run_and_differ():
     assert np.array_equal(out["t"], out["step"])
     with pytest.raises(ValueError, match="log-snr"):
         tiec.apply(pipe.unet, tiec.EncoderPropagationConfig(blend_space="log-snr"))
+
+
+def test_second_order_forecast_is_exact_on_quadratic_features():
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    f = lambda t: (a + b * (t / 1000) + c * (t / 1000) ** 2,)
+    keys = (900.0, 800.0, 700.0)
+    for t_s in (650.0, 500.0, 100.0):
+        got = E.extrapolate_quadratic(*(f(t) for t in keys), *keys, t_s)[0]
+        assert torch.allclose(got, f(t_s)[0], rtol=0, atol=1e-12)
+        line = E.extrapolate(f(800.0), f(700.0), 800.0, 700.0, t_s)[0]
+        assert (line - f(t_s)[0]).abs().max() > 1e-3  # the line through the last two misses the curvature
+    with pytest.raises(ValueError, match="three distinct"):
+        E.extrapolate_quadratic(f(1.0), f(1.0), f(2.0), 1.0, 1.0, 2.0, 0.0)
+
+
+def test_second_order_forecast_in_fp16_is_blended_in_float32():
+    g = torch.Generator().manual_seed(1)
+    base = 100 + torch.randn(4096, generator=g, dtype=torch.float64)
+    fs = [base + k * 0.01 * torch.randn(4096, generator=g, dtype=torch.float64) for k in range(3)]
+    ts = (1000.0, 950.0, 900.0)
+    got = E.extrapolate_quadratic(*[(f.half(),) for f in fs], *ts, 0.0)[0]
+    exact = E.extrapolate_quadratic(*[(f.half().double(),) for f in fs], *ts, 0.0)[0]
+    assert got.dtype == torch.float16 and (got.double() - exact).abs().max() <= 0.07  # fp16 rounding of ~100
+
+
+def test_second_order_in_a_pipeline(sd_pipe):
+    outs = {}
+    for order in (1, 2):
+        for parallel in (False, True):
+            config = tiec.EncoderPropagationConfig(key_steps=[0, 2, 4, 6], estimator="extrapolate",
+                                                   extrapolation_order=order, parallel=parallel)
+            with tiec.apply(sd_pipe, config) as handle:
+                outs[order, parallel] = run(sd_pipe, "sd", steps=10)
+            assert handle.stats["encoder_runs"] == 4 and handle.stats["decoder_runs"] == 10
+    assert np.abs(outs[2, True] - outs[2, False]).max() < 1e-4
+    assert not np.allclose(outs[1, False], outs[2, False])  # steps 7-9 use the quadratic through keys 2, 4, 6
+    with pytest.raises(ValueError, match="extrapolation_order=3"):
+        tiec.EncoderPropagationConfig(extrapolation_order=3)

@@ -66,6 +66,33 @@ def extrapolate(f1: Sequence[torch.Tensor], f2: Sequence[torch.Tensor], t1: floa
     return blend(f1, f2, w)
 
 
+def extrapolate_quadratic(f0: Sequence[torch.Tensor], f1: Sequence[torch.Tensor], f2: Sequence[torch.Tensor],
+                          t0: float, t1: float, t2: float, t_s: float) -> Features:
+    """Second-order TIEC forecast: the quadratic in ``t`` through the last three key steps, evaluated at ``t_s``.
+
+    The Lagrange form of the parabola through ``(t0, f0), (t1, f1), (t2, f2)`` (the same polynomial as the finite
+    differences of TaylorSeer, Liu et al., 2025, applied here to encoder features). Computed in float32 for half
+    precision features: the weights grow quickly beyond the last key step and the terms nearly cancel.
+
+    Example:
+        >>> f = lambda t: (torch.tensor(t * t, dtype=torch.float64),)   # features quadratic in t
+        >>> extrapolate_quadratic(f(3.0), f(2.0), f(1.0), 3.0, 2.0, 1.0, 0.5)
+        (tensor(0.2500, dtype=torch.float64),)
+    """
+    if len({t0, t1, t2}) != 3:
+        raise ValueError(f"extrapolate_quadratic needs three distinct timesteps, got {t0}, {t1}, {t2}")
+    w0 = (t_s - t1) * (t_s - t2) / ((t0 - t1) * (t0 - t2))
+    w1 = (t_s - t0) * (t_s - t2) / ((t1 - t0) * (t1 - t2))
+
+    def one(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        low = c.dtype in (torch.float16, torch.bfloat16)
+        a, b, c32 = (a.float(), b.float(), c.float()) if low else (a, b, c)
+        # the newest key as the base term: beside it the forecast is a small correction
+        out = c32 + w0 * (a - c32) + w1 * (b - c32)
+        return out.to(c.dtype) if low else out
+    return tuple(one(a, b, c) for a, b, c in zip(f0, f1, f2))
+
+
 def interpolate(f_cur: Sequence[torch.Tensor], f_next: Sequence[torch.Tensor], t_cur: float, t_next: float,
                 t_s: float) -> Features:
     """TIEC interpolation: the line in ``t`` between the current key step and the (predicted) next one.

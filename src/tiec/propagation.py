@@ -52,6 +52,9 @@ class EncoderPropagationConfig:
         blend_space: the coordinate in which the estimators are linear: ``"t"`` (the timestep, as the
             seed defines them; default), ``"log-snr"`` (log of alpha_bar / (1 - alpha_bar) of the
             scheduler; needs a pipeline) or ``"step"`` (the step index).
+        extrapolation_order: 1 (default: the line through the last two key steps) or 2 (the quadratic through
+            the last three; order 1 until three key steps exist). Used wherever the estimators extrapolate
+            (``extrapolate``, and ``interpolate`` after the last key step). ``max_extrapolation`` bounds order 1 only.
         max_extrapolation: bound on the magnitude of the negative weight of ``extrapolate`` (None: no
             bound). Smaller values stay closer to ``reuse`` far from the last key step.
 
@@ -67,6 +70,7 @@ class EncoderPropagationConfig:
     noise_injection_tau: float = 500
     blend_space: str = "t"
     max_extrapolation: float | None = None
+    extrapolation_order: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "key_steps", schedules.validate(self.key_steps))
@@ -87,13 +91,16 @@ class EncoderPropagationConfig:
         if self.max_extrapolation is not None and (not isinstance(self.max_extrapolation, (int, float))
                                                    or not self.max_extrapolation >= 0):
             raise ValueError(f"max_extrapolation={self.max_extrapolation!r} must be None or a number >= 0")
+        if self.extrapolation_order not in (1, 2) or isinstance(self.extrapolation_order, bool):
+            raise ValueError(f"extrapolation_order={self.extrapolation_order!r} must be 1 (linear) or 2 (quadratic)")
 
 
 class _Slot:
     """The cache of one call position within a step (pipelines that call the UNet twice per step get two)."""
 
-    def __init__(self):
-        self.features: dict[int, Features] = {}      # the last two key steps with distinct coordinates
+    def __init__(self, keep: int = 2):
+        self.keep = keep                             # key steps kept: 2, or 3 for second-order forecasts
+        self.features: dict[int, Features] = {}      # the last key steps, with distinct coordinates
         self.key_coords: dict[int, float] = {}       # key step -> its coordinate in the blend space
         self.predicted: dict[int, Features] = {}     # look-ahead features of the next key step, by key step
         self.queue: dict[int, torch.Tensor] = {}     # batched decoder outputs of the steps to come
@@ -109,7 +116,7 @@ class _Slot:
         for old in [k for k, c in self.key_coords.items() if c == coord or self.features[k][0].shape[0] != batch]:
             self._drop(old)
         self.key_coords[step], self.features[step] = coord, features
-        for old in sorted(self.features)[:-2]:
+        for old in sorted(self.features)[:-self.keep]:
             self._drop(old)
         unused = len(self.queue)
         self.queue.clear()
@@ -136,6 +143,7 @@ class _Run:
         self.calls: dict[str, int] = {"unet": 0, "controlnet": 0}  # calls of each kind in the current step
         self.calls_per_step = 1  # UNet calls of the first step, learned when the second begins
         self.slots: dict[int, _Slot] = {}
+        self.keep = 3 if config.extrapolation_order == 2 else 2
         self.z_T: torch.Tensor | None = None
 
     def locate(self, caller: str, timestep: Any) -> tuple[int, _Slot] | None:
@@ -157,7 +165,9 @@ class _Run:
             self.step, self.calls = step, {"unet": 0, "controlnet": 0}
         slot = self.calls[caller]
         self.calls[caller] += 1
-        return step, self.slots.setdefault(slot, _Slot())
+        if slot not in self.slots:
+            self.slots[slot] = _Slot(keep=self.keep)
+        return step, self.slots[slot]
 
     def last_key(self, step: int) -> int:
         return max(k for k in self.key_steps if k <= step)
@@ -408,8 +418,13 @@ class EncoderPropagation(Part):
             next_key = run.next_key(step)
             return estimators.interpolate(current, slot.predicted[key], slot.key_coords[key],
                                           self._coord(next_key, run.time(next_key)), here)
-        if estimator in ("extrapolate", "interpolate") and len(slot.features) == 2:
-            previous = min(slot.features)
+        keys = sorted(slot.features)
+        if estimator in ("extrapolate", "interpolate") and len(keys) == 3:
+            (k0, k1), coords = keys[:2], slot.key_coords
+            return estimators.extrapolate_quadratic(slot.features[k0], slot.features[k1], current, coords[k0],
+                                                    coords[k1], coords[key], here)
+        if estimator in ("extrapolate", "interpolate") and len(keys) >= 2:
+            previous = keys[-2]
             return estimators.extrapolate(slot.features[previous], current, slot.key_coords[previous],
                                           slot.key_coords[key], here, self.config.max_extrapolation)
         return estimators.reuse(current)
