@@ -139,6 +139,7 @@ class _Run:
         self.timesteps = timeline.values if timeline is not None else None
         self.key_steps = schedules.resolve(config.key_steps, num_steps)
         self.key_set = frozenset(self.key_steps)
+        self.adaptive = schedules.adaptive_threshold(config.key_steps)  # None, or T: keys chosen during the run
         self.step = -1
         self.calls: dict[str, int] = {"unet": 0, "controlnet": 0}  # calls of each kind in the current step
         self.calls_per_step = 1  # UNet calls of the first step, learned when the second begins
@@ -168,6 +169,10 @@ class _Run:
         if slot not in self.slots:
             self.slots[slot] = _Slot(keep=self.keep)
         return step, self.slots[slot]
+
+    def add_key(self, step: int) -> None:
+        self.key_steps = tuple(sorted(set(self.key_steps) | {step}))
+        self.key_set = frozenset(self.key_steps)
 
     def last_key(self, step: int) -> int:
         return max(k for k in self.key_steps if k <= step)
@@ -327,12 +332,30 @@ class EncoderPropagation(Part):
         self.stats["unused_decodes"] += slot.store(step, self._coord(step, t), features)
         self.stats["encoder_runs"] += 1
         self.stats["decoder_runs"] += 1
+        if run.adaptive is not None and slot is run.slots[0] and step >= max(run.key_steps):
+            self._choose_next_key(run, slot, step)
         next_key = run.next_key(step)
         if self.config.estimator == "interpolate" and next_key is not None and next_key > step + 1 \
                 and run.time(next_key) != t:
             sample = out[0] if isinstance(out, tuple) else out.sample
             slot.predicted[step] = self._look_ahead(inner, t, run.time(next_key), sample, call)
         return out
+
+    def _choose_next_key(self, run: _Run, slot: _Slot, step: int) -> None:
+        """``adaptive:T``: the next key step, from the change of the features between the last two key steps.
+
+        Decided here, at the key step, so that the decoders of the steps up to it can still run batched. The
+        first slot's features decide for every call position of the step. One device sync per key step.
+        """
+        keys = sorted(slot.features)
+        if len(keys) < 2:
+            return
+        previous, current = slot.features[keys[-2]], slot.features[keys[-1]]
+        ratios = torch.stack([(a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)
+                              for a, b in zip(current, previous)])
+        nxt = schedules.next_adaptive_key(keys[-1], keys[-2], float(ratios.mean()), run.adaptive, run.num_steps)
+        if nxt is not None:
+            run.add_key(nxt)
 
     def _group(self, run: _Run, step: int) -> list[int]:
         """The steps decoded together with ``step``: up to the next key step, at most ``max_parallel``."""

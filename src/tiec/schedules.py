@@ -10,7 +10,9 @@ iterates. Step 0 is always a key step. Specs:
   ``floor(k * n / 50 + 1/2)`` (clipped to ``n - 1``, duplicates dropped): the same fractions of
   the loop, dense at the start where features change fastest;
 - ``"uniform:K"``: K key steps spread evenly, step ``floor(i * n / K)`` for ``i < K`` (``K <= n``);
-- ``"every:N"``: every N-th step, ``0, N, 2N, ...``.
+- ``"every:N"``: every N-th step, ``0, N, 2N, ...``;
+- ``"adaptive:T"``: steps 0 and 1, then each next key step chosen at run time, at the key step, from how fast
+  the encoder features changed between the last two key steps (see :func:`next_adaptive_key`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Sequence, Union
 KeyStepSpec = Union[str, Sequence[int]]
 
 FASTER_DIFFUSION_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
-SPEC_HELP = ("a list of step indices starting at 0, 'all', 'faster-diffusion', 'uniform:K' (K >= 1) "
-             "or 'every:N' (N >= 1)")
+SPEC_HELP = ("a list of step indices starting at 0, 'all', 'faster-diffusion', 'uniform:K' (K >= 1), "
+             "'every:N' (N >= 1) or 'adaptive:T' (T > 0)")
 
 
 def _parse_count(spec: str, prefix: str) -> int:
@@ -50,6 +52,9 @@ def validate(spec: KeyStepSpec) -> KeyStepSpec:
             if spec.startswith(prefix):
                 _parse_count(spec, prefix)
                 return spec
+        if spec.startswith("adaptive:"):
+            adaptive_threshold(spec)
+            return spec
         raise ValueError(f"key_steps={spec!r} is not a known schedule; expected {SPEC_HELP}")
     try:
         steps = tuple(spec)
@@ -67,6 +72,49 @@ def validate(spec: KeyStepSpec) -> KeyStepSpec:
         raise ValueError(f"key_steps={list(steps)} does not start with step 0 (step 0 is always a key step); "
                          f"expected {SPEC_HELP}")
     return steps
+
+
+def adaptive_threshold(spec: KeyStepSpec) -> float | None:
+    """The threshold T of an ``"adaptive:T"`` spec; None for any other spec.
+
+    Example:
+        >>> adaptive_threshold("adaptive:0.1")
+        0.1
+    """
+    if not (isinstance(spec, str) and spec.startswith("adaptive:")):
+        return None
+    text = spec[len("adaptive:"):]
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"key_steps={spec!r}: {text!r} is not a number; expected {SPEC_HELP}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"key_steps={spec!r}: the threshold must be a finite number > 0; expected {SPEC_HELP}")
+    return value
+
+
+def adaptive_max_gap(num_steps: int) -> int:
+    """The longest stretch between two adaptive key steps: a quarter of the loop (at least 1)."""
+    return max(1, num_steps // 4)
+
+
+def next_adaptive_key(key: int, previous: int, change: float, threshold: float, num_steps: int) -> int | None:
+    """The key step after ``key`` for ``"adaptive:T"``, or None when the loop ends first.
+
+    ``change`` is the relative change of the encoder features between key steps ``previous`` and ``key``
+    (mean over the feature tensors of ``||F_key - F_previous|| / ||F_previous||``). Assuming the features keep
+    changing at that rate per step, the next key step comes when the accumulated change would reach
+    ``threshold``: ``gap = floor(threshold * (key - previous) / change)``, clamped to
+    ``1 .. adaptive_max_gap(num_steps)`` (so a loop never has fewer than one key step per quarter).
+
+    Example:
+        >>> next_adaptive_key(key=4, previous=2, change=0.05, threshold=0.1, num_steps=50)  # 2.5% a step
+        8
+    """
+    rate = change / max(1, key - previous)
+    gap = adaptive_max_gap(num_steps) if rate <= 0 else int(min(adaptive_max_gap(num_steps), threshold / rate))
+    step = key + max(1, gap)
+    return step if step < num_steps else None
 
 
 def resolve(spec: KeyStepSpec, num_steps: int) -> tuple[int, ...]:
@@ -91,6 +139,8 @@ def resolve(spec: KeyStepSpec, num_steps: int) -> tuple[int, ...]:
             raise ValueError(f"key_steps={spec!r} asks for {count} key steps in a loop of {num_steps} steps; "
                              f"use at most uniform:{num_steps}")
         return tuple(i * num_steps // count for i in range(count))
+    if adaptive_threshold(spec) is not None:  # the first two; the others are chosen during the run
+        return (0, 1) if num_steps > 1 else (0,)
     if isinstance(spec, str):
         return tuple(range(0, num_steps, _parse_count(spec, "every:")))
     if spec[-1] >= num_steps:
