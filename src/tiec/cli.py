@@ -1,4 +1,4 @@
-"""The ``tiec`` command line: ``flops``, ``generate``, ``train-demo``, ``bench``.
+"""The ``tiec`` command line: ``flops``, ``generate``, ``train-demo``, ``bench``, ``analyze``.
 
 Every user error (a bad value, a missing file, an unusable device or output path) ends in one line on stderr
 and exit status 2, found before anything expensive is loaded or computed; Ctrl-C ends in one line (with the
@@ -295,6 +295,77 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def analysis_prompts(spec: str | None, demo: bool) -> list[str]:
+    """``--prompts``: a file (one prompt a line, or COCO captions JSON) if one exists at that path, else a
+    comma-separated list; default (None): one prompt per class for the demo model.
+
+    Example:
+        >>> analysis_prompts("sneaker, bag", demo=True)
+        ['sneaker', 'bag']
+    """
+    from .eval.prompts import demo_prompts, load_prompts
+
+    if spec is None:
+        if not demo:
+            raise ValueError("--prompts is required for a --model folder (p1,p2 or a file); only the demo model has "
+                             "built-in prompts")
+        return demo_prompts()
+    if Path(spec).is_file():
+        prompts = load_prompts(spec)
+    elif "," not in spec and Path(spec).suffix.lower() in (".txt", ".json"):
+        raise ValueError(f"--prompts {spec}: no such file")
+    else:
+        prompts = [p.strip() for p in spec.split(",") if p.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {spec!r}: no prompts; give p1,p2 or a file with one prompt a line")
+    if demo:
+        from .demo import parse_prompt
+
+        for prompt in prompts:
+            parse_prompt(prompt)
+    return prompts
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    _check_positive(args, "steps", "threads")
+    device = check_device(args.device)
+    out = check_out_folder(args.out)
+    demo = args.model == "demo"
+    if not demo:
+        check_model_folder(args.model, "'demo' or a local diffusers pipeline folder")
+    prompts = analysis_prompts(args.prompts, demo)  # bad prompts fail before the model loads
+    try:
+        import matplotlib  # noqa: F401  (dynamics.png)
+    except ImportError:
+        raise ValueError("tiec analyze draws dynamics.png with matplotlib: pip install matplotlib "
+                         "(or tiec[eval])") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from .analyze import feature_dynamics, write_dynamics
+
+    if demo:
+        from .demo import load_pipeline
+
+        pipe = load_pipeline(device=device)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe.set_progress_bar_config(disable=True)
+    extra = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    result = feature_dynamics(pipe, prompts, num_steps=args.steps, seed=args.seed, **extra)
+    json_path, png_path = write_dynamics(result, out)
+    summary = result["summary"]
+    print(f"wrote {json_path} and {png_path}: {result['unet_calls']} steps, encoder "
+          f"{100 * result['encoder_flops_share']:.1f}% of UNet FLOPs; mean relative change per step: encoder "
+          f"levels {summary['encoder_mean']:.4g}, up blocks {summary['up_blocks_mean']:.4g}, UNet output "
+          f"{summary['output_mean']:.4g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiec", description="Training-free acceleration of diffusion sampling: "
                                      "encoder propagation (FasterDiffusion) and TIEC feature estimation.")
@@ -375,6 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "much faster than several)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("analyze", help="per step, how much each encoder feature and the decoder output change "
+                       "between adjacent steps of the plain sampler, and the encoder's share of UNet FLOPs; writes "
+                       "dynamics.json and dynamics.png")
+    p.add_argument("--model", default="demo", help="'demo' or a local diffusers pipeline folder")
+    p.add_argument("--prompts", default=None, help="comma-separated prompts (p1,p2) or a file (one prompt a line, "
+                   "or COCO captions JSON); default for the demo: one prompt per class")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--out", default="runs/analyze", help="output folder (dynamics.json and dynamics.png in it "
+                   "are replaced)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.set_defaults(func=_analyze)
     return parser
 
 
