@@ -9,7 +9,7 @@ from conftest import demo_sample, make_demo_pipe, make_pipe, module_attributes, 
 
 import tiec
 from tiec.deepcache import full_steps
-from tiec.flops import build_sd15_unet, loop_flops
+from tiec.flops import build_sd15_unet, flop_counter, loop_flops
 
 DC = tiec.DeepCacheConfig
 
@@ -29,9 +29,9 @@ def test_bad_config_names_the_field(kwargs, field):
 
 
 def test_branch_must_fit_the_unet():
-    unet = tiny_unet()
-    with pytest.raises(ValueError, match=r"cache_branch_id=2 .* 0\.\.1"):
-        tiec.apply(unet, DC(cache_branch_id=2))
+    unet = tiny_unet()  # 6 skip branches: conv_in, 2 resnet layers and the downsampler of block 0, 2 of block 1
+    with pytest.raises(ValueError, match=r"cache_branch_id=6 .* 6 skip branches .* 0\.\.5"):
+        tiec.apply(unet, DC(cache_branch_id=6))
     assert not any("forward" in m.__dict__ for m in unet.modules())
 
 
@@ -64,27 +64,130 @@ def test_interval_one_is_bitwise_plain_and_removal_restores(sd_pipe):
     assert module_attributes(unet) == before
 
 
-@pytest.mark.parametrize("branch", [0, 1])
-def test_shallow_steps_skip_the_deep_parts_and_reuse_its_feature(branch):
+def unit_of(name: str) -> str:
+    """The layer a leaf module belongs to: ``down_blocks.0.resnets.1``, ``mid_block.attentions.0``, ``conv_in``."""
+    path = name.split(".")
+    return ".".join(path[:4] if path[0] in ("down_blocks", "up_blocks") else path[:3] if path[0] == "mid_block"
+                    else path[:1])
+
+
+def units_run(unet, call) -> set[str]:
+    """The layers (resnets, attentions, down/upsamplers, conv_in, ...) whose convolutions or linear maps ran.
+
+    Hooks on the leaves, not the layers: a skipped layer may still be called and return without computing.
+    """
+    ran = set()
+    hooks = [m.register_forward_hook(lambda *args, unit=unit_of(name): ran.add(unit))
+             for name, m in unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ran
+
+
+def reference_units(unet, branch: int) -> set[str]:
+    """The layers DeepCache's reference (``DeepCacheSDHelper``) computes at a retrieval step of ``cache_branch_id``.
+
+    Its rule, for UNets with two layers per block: ``block, layer = divmod(branch, 3)``; a down layer runs if its
+    block is earlier, or it is the same block and the layer index is lower; an up layer (indices counted from the
+    block's end, blocks from the last; the upsampler is layer 0) runs if its block is earlier, or the same block
+    and its index is not higher; the mid block never runs.
+    """
+    block_id, layer_id = divmod(branch, 3)
+    units = {"time_embedding", "conv_in", "conv_out"}
+
+    def add(prefix: str, block, j: int) -> None:
+        units.add(f"{prefix}.resnets.{j}")
+        if getattr(block, "attentions", None):
+            units.add(f"{prefix}.attentions.{j}")
+    for i, block in enumerate(unet.down_blocks):
+        for j in range(len(block.resnets)):
+            if i < block_id or (i == block_id and j < layer_id):
+                add(f"down_blocks.{i}", block, j)
+        if block.downsamplers and (i < block_id or (i == block_id and len(block.resnets) < layer_id)):
+            units.add(f"down_blocks.{i}.downsamplers.0")
+    count = len(unet.up_blocks)
+    for u, block in enumerate(unet.up_blocks):
+        i = count - 1 - u
+        for j in range(len(block.resnets)):
+            if i < block_id or (i == block_id and len(block.resnets) - 1 - j <= layer_id):
+                add(f"up_blocks.{u}", block, j)
+        if block.upsamplers and i <= block_id:
+            units.add(f"up_blocks.{u}.upsamplers.0")
+    return units
+
+
+# The tiny SD UNet at a shallow step, written out (down block 0: 2 resnet+attention layers and a downsampler;
+# up block 1 mirrors it with 3 resnet+attention layers).
+SHALLOW_UNITS = {
+    0: {"up_blocks.1.resnets.2", "up_blocks.1.attentions.2"},
+    1: {"down_blocks.0.resnets.0", "down_blocks.0.attentions.0",
+        "up_blocks.1.resnets.1", "up_blocks.1.attentions.1", "up_blocks.1.resnets.2", "up_blocks.1.attentions.2"},
+    2: {"down_blocks.0.resnets.0", "down_blocks.0.attentions.0", "down_blocks.0.resnets.1",
+        "down_blocks.0.attentions.1", *(f"up_blocks.1.{kind}.{j}" for kind in ("resnets", "attentions")
+                                        for j in range(3))},
+}
+
+
+@pytest.mark.parametrize("branch", range(6))
+def test_shallow_steps_run_the_references_layers(branch):
     unet = tiny_unet()
     sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
-    calls = {"deep": 0, "shallow": 0}
-    hooks = [unet.mid_block.resnets[0].register_forward_hook(lambda *a: calls.__setitem__("deep", calls["deep"] + 1)),
-             unet.up_blocks[-1].resnets[0].register_forward_hook(
-                 lambda *a: calls.__setitem__("shallow", calls["shallow"] + 1))]
+    everything = units_run(unet, lambda: unet(sample, 900, text))
+    assert {"mid_block.resnets.0", "down_blocks.1.resnets.1", "up_blocks.0.upsamplers.0"} <= everything
+    with tiec.apply(unet, DC(cache_interval=2, cache_branch_id=branch)) as handle:
+        handle.start_run(4)
+        steps = [units_run(unet, lambda: unet(sample, t, text)) for t in (900, 700, 500, 300)]
+    assert steps[0] == steps[2] == everything  # full steps run everything
+    assert steps[1] == steps[3] == reference_units(unet, branch)
+    if branch in SHALLOW_UNITS:
+        assert steps[1] == {"time_embedding", "conv_in", "conv_out"} | SHALLOW_UNITS[branch]
+    if branch == 5:  # the deepest branch skips the mid block only
+        assert steps[1] == everything - {"mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"}
+
+
+def test_branches_of_a_one_layer_unet():
+    """SDXL's tiny layout, one resnet per down block: conv_in, block 0's resnet and downsampler, block 1's layer."""
+    unet = tiny_unet(xl=True)
+    shallow = {"time_embedding", "add_embedding", "conv_in", "conv_out"}
+    expected = {
+        0: shallow | {"up_blocks.1.resnets.1"},
+        1: shallow | {"down_blocks.0.resnets.0", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1"},
+        2: shallow | {"down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0", "up_blocks.0.resnets.1",
+                      "up_blocks.0.attentions.1", "up_blocks.0.upsamplers.0", "up_blocks.1.resnets.0",
+                      "up_blocks.1.resnets.1"},
+    }
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 64)
+    added = dict(text_embeds=torch.randn(2, 32), time_ids=torch.randn(2, 6))
+    for branch, units in expected.items():
+        with tiec.apply(unet, DC(cache_interval=2, cache_branch_id=branch)) as handle:
+            handle.start_run(2)
+            steps = [units_run(unet, lambda: unet(sample, t, text, added_cond_kwargs=added)) for t in (900, 700)]
+        assert steps[1] == units, branch
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        tiec.apply(unet, DC(cache_branch_id=4))
+
+
+@pytest.mark.parametrize("branch", [0, 1, 2, 5])
+def test_full_steps_are_plain_and_shallow_steps_reuse_the_deep_feature(branch):
+    unet = tiny_unet()
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    before = module_attributes(unet)
     with torch.no_grad():
         plain = [unet(sample, t, text).sample for t in (900, 500)]
-        calls.update(deep=0, shallow=0)
         with tiec.apply(unet, DC(cache_interval=3, cache_branch_id=branch)) as handle:
-            handle.start_run(3)
+            handle.start_run(4)
             # step 1 repeats step 0's input: its deep feature is the cached one, so the output is exact
-            outs = [unet(sample, t, text).sample for t in (900, 900, 500)]
-        assert handle.stats["full_steps"] == 1 and handle.stats["shallow_steps"] == 2
-    for hook in hooks:
-        hook.remove()
-    assert calls == {"deep": 1, "shallow": 3}
+            outs = [unet(sample, t, text).sample for t in (900, 900, 500, 500)]
+        assert dict(handle.stats) == {"unet_calls": 4, "full_steps": 2, "shallow_steps": 2}
+        assert module_attributes(unet) == before
+        assert torch.equal(unet(sample, 500, text).sample, plain[1])
     assert torch.equal(outs[0], plain[0]) and torch.equal(outs[1], plain[0])
-    assert not torch.allclose(outs[2], plain[1], atol=1e-4)
+    assert not torch.allclose(outs[2], plain[1], atol=1e-4)  # shallow, on step 0's deep feature
+    assert torch.equal(outs[3], plain[1])  # full
 
 
 def test_bare_unet_needs_start_run():
@@ -93,17 +196,36 @@ def test_bare_unet_needs_start_run():
         unet(torch.randn(2, 4, 16, 16), 10, torch.randn(2, 7, 32))
 
 
-def test_flops_on_sd15_at_fifty_steps():
+# The layers of SD1.5 a shallow step runs besides time_embedding, conv_in and conv_out (up block 3 mirrors down
+# block 0: three resnet+attention layers).
+SD15_SHALLOW = {0: ("up_blocks.3.resnets.2", "up_blocks.3.attentions.2"),
+                1: ("down_blocks.0.resnets.0", "down_blocks.0.attentions.0", "up_blocks.3.resnets.1",
+                    "up_blocks.3.attentions.1", "up_blocks.3.resnets.2", "up_blocks.3.attentions.2"),
+                3: ("down_blocks.0", "up_blocks.2.resnets.2", "up_blocks.2.attentions.2", "up_blocks.2.upsamplers.0",
+                    "up_blocks.3")}
+
+
+@pytest.mark.parametrize("branch, steps", [(0, 50), (1, 7), (3, 7)])
+def test_flops_on_sd15(branch, steps):
     unet = build_sd15_unet("meta")
-    plain_step = loop_flops(unet, [], num_steps=1)["total"]  # the plain loop costs the same at every step
-    cached = loop_flops(unet, [DC()], num_steps=50)
-    ratio = cached["total"] / (50 * plain_step)
-    print(f"DeepCache interval 3, branch 0, SD1.5 at 50 steps: {ratio:.4f}x the plain loop's UNet FLOPs")
-    assert cached["full_steps"] == 17 and cached["shallow_steps"] == 33 and cached["unet_calls"] == 50
-    full = set(full_steps(50, 3))
-    assert all(f == plain_step for s, f in enumerate(cached["per_step"]) if s in full)
-    assert len({f for s, f in enumerate(cached["per_step"]) if s not in full}) == 1
-    assert ratio < 0.7
+    with torch.no_grad(), flop_counter() as counter:
+        unet(torch.randn(2, 4, 64, 64, device="meta"), 999, torch.randn(2, 77, 768, device="meta"))
+    layer = {name.removeprefix("UNet2DConditionModel."): sum(ops.values())
+             for name, ops in counter.get_flop_counts().items()}
+    plain_step = layer["Global"]
+    top = ("time_embedding", "conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3",
+           "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3", "conv_out")
+    assert sum(layer[name] for name in top) == plain_step  # every counted FLOP lies in a module
+    shallow_step = sum(layer[name] for name in ("time_embedding", "conv_in", "conv_out", *SD15_SHALLOW[branch]))
+    cached = loop_flops(unet, [DC(cache_interval=3, cache_branch_id=branch)], num_steps=steps)
+    full = len(full_steps(steps, 3))
+    assert cached["full_steps"] == full and cached["shallow_steps"] == steps - full
+    assert cached["per_step"] == [plain_step if s % 3 == 0 else shallow_step for s in range(steps)]
+    assert cached["total"] == full * plain_step + (steps - full) * shallow_step
+    ratio = cached["total"] / (steps * plain_step)
+    print(f"DeepCache interval 3, branch {branch}, SD1.5 at {steps} steps: {ratio:.4f}x the plain loop's UNet FLOPs")
+    if branch == 0:  # README's figure: a shallow step costs 7.9% of a full one
+        assert full == 17 and round(ratio, 4) == 0.3920
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "img2img", "controlnet"])
@@ -142,6 +264,7 @@ def test_combinations(sd_pipe):
         deep = run(sd_pipe, "sd", steps=6)
     with tiec.apply(sd_pipe, DC(), tiec.TokenMergingConfig()) as handle:
         both = run(sd_pipe, "sd", steps=6)
-    # the 5 merged (full-resolution) blocks all lie on branch 0's shallow path: they run at every step
-    assert handle.stats["shallow_steps"] == 4 and handle.stats["merged_blocks"] == 6 * 5
+    # 5 merged (full-resolution) blocks run at the 2 full steps; of them, branch 0's shallow path holds only the
+    # last up layer's
+    assert handle.stats["shallow_steps"] == 4 and handle.stats["merged_blocks"] == 2 * 5 + 4 * 1
     assert not np.array_equal(deep, both)

@@ -1,11 +1,15 @@
 """DeepCache (Ma et al. 2023): at most steps only the shallow branch of the UNet runs, on cached deep features.
 
-Branch ``b`` (``cache_branch_id``) of a UNet with ``n`` down and up blocks splits it in two:
-- the shallow path: ``conv_in``, ``down_blocks[0..b]``, ``up_blocks[n-1-b..]``, ``conv_norm_out``/``conv_out``;
-- the deep path: ``down_blocks[b+1..]``, ``mid_block``, ``up_blocks[..n-2-b]``.
-The deep feature is the input of ``up_blocks[n-1-b]`` (the output of the deep path). At a full step the
-whole UNet runs and a copy of that feature is kept; at the other (shallow) steps the deep parts return
-placeholders without computing anything and ``up_blocks[n-1-b]`` reads the cached feature instead.
+The UNet's *skip branches* are the features its down path hands to the up path, numbered in the order they are
+made: branch 0 is ``conv_in``'s output, then one per layer of each down block (a resnet with its attention, then
+the downsampler). The up path consumes them in reverse, one per up-block resnet. ``cache_branch_id = b`` splits
+the UNet at branch ``b``, as DeepCache's reference does (layer granularity, not whole blocks):
+- the shallow path: ``conv_in``, the down layers that make branches ``1..b``, then the up path from the layer
+  (resnet + attention) that consumes branch ``b`` to the end, and ``conv_norm_out``/``conv_out``;
+- the deep path: everything in between (the rest of the down path, ``mid_block``, the up layers before that one).
+At a full step the whole UNet runs and each deep part's output is kept; at the other (shallow) steps the deep parts
+return those outputs without computing anything. What they return only feeds other skipped parts, except the
+output of the last deep part before the entry layer: the cached deep feature, handed out as a copy.
 """
 
 from __future__ import annotations
@@ -31,8 +35,16 @@ class DeepCacheConfig:
     Args:
         cache_interval: one full step every this many steps (on average for ``"non-uniform"``). Higher:
             faster, further from the plain sampler. ``1`` is the plain sampler. Default 3.
-        cache_branch_id: the skip branch (down block index) the shallow path ends at. Lower: cheaper
-            shallow steps, less computed. Default 0; must be below the UNet's number of down blocks.
+        cache_branch_id: the skip branch where the shallow path turns back (see the module docstring): a
+            shallow step runs ``conv_in``, the down layers up to the one making this branch, and the up path
+            from the layer consuming it. ``0``: ``conv_in`` and the last layer (resnet + attention) of the last
+            up block only. With ``layers_per_block=2`` (SD1.5, SD2, SDXL: 3 layers per down block, 2 in the
+            last), ``b = 3k + l`` runs the first ``l`` layers of down block ``k`` (``l = 2``: both resnets with
+            their attentions, not the downsampler), the last ``l + 1`` layers and the upsampler of the up block
+            mirroring it, and every earlier down and later up block; the numbering of DeepCache's reference
+            (``DeepCacheSDHelper``). SD1.5 has 12 branches; ``11`` skips only the mid block. Lower: cheaper
+            shallow steps, less computed. Default 0; must be below the UNet's number of skip branches
+            (1 + its down blocks' layers; :func:`skip_branches`).
         schedule: where the full steps go: ``"uniform"`` (every ``cache_interval``-th step) or
             ``"non-uniform"`` (as many full steps, clustered by a power law around 30% of the loop;
             see :func:`full_steps`). Step 0 is always full. Default ``"uniform"``.
@@ -51,7 +63,7 @@ class DeepCacheConfig:
             raise ValueError(f"cache_interval={self.cache_interval!r} must be a positive integer (1: no caching)")
         if isinstance(self.cache_branch_id, bool) or not isinstance(self.cache_branch_id, int) \
                 or self.cache_branch_id < 0:
-            raise ValueError(f"cache_branch_id={self.cache_branch_id!r} must be an integer >= 0 (a down block index)")
+            raise ValueError(f"cache_branch_id={self.cache_branch_id!r} must be an integer >= 0 (a skip branch index)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not known; use one of {list(SCHEDULES)}")
 
@@ -110,23 +122,11 @@ class DeepCache(Part):
 
     def install(self) -> None:
         unet, branch = self.unet, self.config.cache_branch_id
-        count = len(unet.down_blocks)
-        if len(unet.up_blocks) != count:
-            raise ValueError(f"DeepCache needs as many up blocks as down blocks; this UNet has {count} down and "
-                             f"{len(unet.up_blocks)} up blocks")
-        if branch >= count:
-            raise ValueError(f"cache_branch_id={branch} does not fit this UNet: it has {count} down blocks, "
-                             f"so use 0..{count - 1}")
+        parts = deep_parts(unet, branch)  # validates first: a bad branch leaves the UNet untouched
         super().install()
         self.reset()
-        entry = count - 1 - branch  # the first up block of the shallow path
-        for index in range(branch + 1, count):
-            self.patch(unet.down_blocks[index], "forward", self._deep_forward(f"down{index}"))
-        if unet.mid_block is not None:
-            self.patch(unet.mid_block, "forward", self._deep_forward("mid"))
-        for index in range(entry):
-            self.patch(unet.up_blocks[index], "forward", self._deep_forward(f"up{index}"))
-        self.patch(unet.up_blocks[entry], "forward", self._entry_forward)
+        for index, module in enumerate(parts):
+            self.patch(module, "forward", self._deep_forward(index, feeds_entry=index == len(parts) - 1))
         self.patch(unet, "forward", self._unet_forward)
         self.stats = self.new_stats()
 
@@ -137,9 +137,9 @@ class DeepCache(Part):
         self._run: _Run | None = None
         self._pending = False
         self._mode: str | None = None              # "full" or "shallow" while a UNet call runs
-        self._deep: torch.Tensor | None = None     # copy of the deep feature of the last full step
+        self._outputs: dict[int, Any] = {}         # what each deep part returned at the last full step
         self._sample_shape: tuple[int, ...] = ()   # the UNet input shape of that step
-        self._placeholders: dict[str, Any] = {}    # what each deep part returned at that step
+        self._device: torch.device | None = None   # and its device
 
     def begin_call(self, pipe: Any) -> None:
         super().begin_call(pipe)
@@ -171,7 +171,7 @@ class DeepCache(Part):
         sample = args[0] if args else kwargs["sample"]
         self._mode = "full" if self._needs_full(run, sample) else "shallow"
         if self._mode == "full":
-            self._sample_shape = tuple(sample.shape)
+            self._sample_shape, self._device = tuple(sample.shape), sample.device
         try:
             out = inner(*args, **kwargs)
         finally:
@@ -181,32 +181,108 @@ class DeepCache(Part):
 
     def _needs_full(self, run: _Run, sample: torch.Tensor) -> bool:
         """Whether this step runs the whole UNet: a scheduled full step, or no usable cache."""
-        if run.step in run.full or run.step >= run.num_steps or self._deep is None:
+        if run.step in run.full or run.step >= run.num_steps or not self._outputs:
             return True
-        return tuple(sample.shape) != self._sample_shape or self._deep.device != sample.device
+        return tuple(sample.shape) != self._sample_shape or self._device != sample.device
 
-    def _deep_forward(self, key: str) -> Callable:
+    def _deep_forward(self, index: int, feeds_entry: bool) -> Callable:
         def forward(inner, *args, **kwargs):
             if self._mode == "shallow":
-                # Shapes only: whatever reads these feeds other skipped parts, and the shallow path
-                # takes the cached deep feature in _entry_forward, so their values are never used.
-                return self._placeholders[key]
+                # Only the part feeding the entry layer hands out a value that is used (the deep feature): a copy,
+                # since the up block may change it in place (FreeU does). The others only give shapes to parts
+                # that are skipped too.
+                out = self._outputs[index]
+                return _copy(out) if feeds_entry else out
             out = inner(*args, **kwargs)
             if self._mode == "full":
-                self._placeholders[key] = out
+                self._outputs[index] = _copy(out) if feeds_entry else out
             return out
         return forward
 
-    def _entry_forward(self, inner, *args, **kwargs):
-        if self._mode is None:
-            return inner(*args, **kwargs)
-        if self._mode == "full":
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self._deep = hidden.clone()
-            return inner(*args, **kwargs)
-        # a copy again: the block may change its input in place (FreeU does)
-        if "hidden_states" in kwargs:
-            kwargs = dict(kwargs, hidden_states=self._deep.clone())
-        else:
-            args = (self._deep.clone(),) + args[1:]
-        return inner(*args, **kwargs)
+
+def _copy(out: Any) -> Any:
+    """A copy of a part's output: a tensor, or a tuple or list of them (an attention's ``(hidden_states,)``)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_copy(item) for item in out)
+    return out
+
+
+def _layers(block: torch.nn.Module) -> list[tuple[bool, tuple[torch.nn.Module, ...]]]:
+    """A down or up block's layers in the order it runs them: ``(is_resnet_layer, modules)``.
+
+    A resnet layer is one resnet with its attention (if the block has attentions); the down/upsamplers make the
+    last layer, if there are any.
+    """
+    resnets = list(getattr(block, "resnets", None) or ())
+    attentions = list(getattr(block, "attentions", None) or ())
+    if attentions and len(attentions) != len(resnets):
+        raise ValueError(f"DeepCache cannot split {type(block).__name__}: it has {len(resnets)} resnets but "
+                         f"{len(attentions)} attentions")
+    layers = [(True, (resnet, attentions[j]) if attentions else (resnet,)) for j, resnet in enumerate(resnets)]
+    samplers = getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None)
+    if samplers:
+        layers.append((False, tuple(samplers)))
+    return layers
+
+
+def _block_parts(block: torch.nn.Module, layers: list, deep: list[bool]) -> list[torch.nn.Module]:
+    """What to skip of one block: the whole block if all its layers are deep, else the deep layers' modules."""
+    if layers and all(deep):
+        return [block]
+    return [module for (_, modules), is_deep in zip(layers, deep) if is_deep for module in modules]
+
+
+def skip_branches(unet: torch.nn.Module) -> int:
+    """The number of skip branches of a UNet: ``conv_in``'s output plus one per down-block layer.
+
+    Example:
+        >>> from tiec.flops import build_sd15_unet
+        >>> skip_branches(build_sd15_unet())
+        12
+    """
+    return 1 + sum(len(_layers(block)) for block in unet.down_blocks)
+
+
+def deep_parts(unet: torch.nn.Module, branch: int) -> list[torch.nn.Module]:
+    """The modules a shallow step of ``cache_branch_id=branch`` skips, in the order a UNet call runs them.
+
+    Whole blocks where a block lies entirely on the deep path (``mid_block`` always), a layer's modules (resnet,
+    attention, down/upsampler) where the branch cuts through a block. The last one feeds the up layer where the
+    shallow path resumes. Raises ``ValueError`` if ``branch`` does not fit the UNet.
+
+    Example:
+        >>> from tiec.flops import build_sd15_unet
+        >>> unet = build_sd15_unet()
+        >>> parts = deep_parts(unet, 0)
+        >>> parts[0] is unet.down_blocks[0] and parts[-1] is unet.up_blocks[-1].attentions[1]
+        True
+    """
+    down, up = unet.down_blocks, unet.up_blocks
+    count = skip_branches(unet)
+    consumers = sum(is_resnet for block in up for is_resnet, _ in _layers(block))
+    if len(up) != len(down) or consumers != count:
+        raise ValueError(f"DeepCache needs an up path that mirrors the down path; this UNet makes {count} skip "
+                         f"features in {len(down)} down blocks and its {len(up)} up blocks consume {consumers}")
+    if branch >= count:
+        raise ValueError(f"cache_branch_id={branch} does not fit this UNet: it has {count} skip branches (conv_in "
+                         f"and one per down-block layer), so use 0..{count - 1}")
+    parts: list[torch.nn.Module] = []
+    made = 0  # skip branches made so far, conv_in's (branch 0) not counted
+    for block in down:
+        layers = _layers(block)
+        parts += _block_parts(block, layers, [made + j + 1 > branch for j in range(len(layers))])
+        made += len(layers)
+    if unet.mid_block is not None:
+        parts.append(unet.mid_block)
+    pending, entered = count, False  # up resnets consume the skip branches from the last one down
+    for block in up:
+        layers, deep = _layers(block), []
+        for is_resnet, _ in layers:
+            if is_resnet:
+                pending -= 1
+                entered = entered or pending == branch
+            deep.append(not entered)
+        parts += _block_parts(block, layers, deep)
+    return parts
