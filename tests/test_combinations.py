@@ -695,3 +695,22 @@ def test_reference_loop_matches_tiec(reference_setup, estimator, parallel):
     lookaheads = 2 if estimator == "interpolate" else 0   # intervals 0..3 and 3..6 have steps inside
     assert dict((k, handle.stats[k]) for k in ("unet_calls", "encoder_runs", "decoder_runs")) == dict(
         unet_calls=STEPS, encoder_runs=3 + lookaheads, decoder_runs=STEPS)
+
+
+def test_t2i_adapter_interpolate_look_ahead_keeps_the_adapter_residuals():
+    """The UNet pops T2I residuals from the list it is given: the look-ahead must get its own full list."""
+    pipe = make_t2i_adapter_pipe()
+    blocks = [b for b in pipe.unet.down_blocks if getattr(b, "has_cross_attention", False)]
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("additional_residuals") is not None),
+                                         with_kwargs=True) for b in blocks]
+    try:
+        with tiec.apply(pipe, tiec.EncoderPropagationConfig(key_steps=[0, 4], estimator="interpolate",
+                                                            parallel=False)) as handle:
+            call(pipe, t2i_inputs())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert handle.stats["lookahead_runs"] == 1
+    # every computed cross-attention down block (key steps and the look-ahead) saw its adapter residual
+    assert seen and all(seen), seen

@@ -350,3 +350,67 @@ def test_self_attention_guidance_is_refused():
     with pytest.raises(ValueError, match="StableDiffusionSAGPipeline"):
         tiec.apply(pipe, FD())
     assert type(pipe) is StableDiffusionSAGPipeline
+
+
+def test_bare_unet_extrapolates_to_the_calls_own_timestep(monkeypatch):
+    unet = tiny_unet()
+    seen = []
+    original = estimators.extrapolate
+
+    def spy(f1, f2, t1, t2, t_s, *rest):
+        seen.append((t1, t2, t_s))
+        return original(f1, f2, t1, t2, t_s, *rest)
+
+    monkeypatch.setattr(estimators, "extrapolate", spy)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    with tiec.apply(unet, FD(key_steps=[0, 1], estimator="extrapolate")) as handle:
+        handle.start_run(3)
+        with torch.no_grad():
+            for t in (900, 600, 300):
+                unet(sample, t, text)
+    assert seen == [(900.0, 600.0, 300.0)]
+
+
+def test_batched_controlnet_honours_the_scale_of_each_step():
+    pipe = make_pipe("controlnet")
+    for window in (dict(control_guidance_end=0.35), dict(control_guidance_start=0.35)):
+        outs = {}
+        for parallel in (False, True):
+            with tiec.apply(pipe, FD(key_steps=[0, 8], parallel=parallel)) as handle:
+                outs[parallel] = run(pipe, "controlnet", steps=10, **window)
+        # the group 1..7 straddles the window's edge: the queued decodes after it are dropped and redone
+        assert handle.stats["regrouped_steps"] >= 1
+        assert np.abs(outs[True] - outs[False]).max() < 1e-4, window
+
+
+def test_conditioning_changed_by_a_callback_inside_a_group(sd):
+    def switch_prompt(pipe, i, t, kwargs):
+        if i == 2:
+            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].flip(1)
+        return kwargs
+
+    outs = {}
+    for parallel in (False, True):
+        with tiec.apply(sd, FD(key_steps=[0, 1, 8], parallel=parallel)) as handle:
+            outs[parallel] = run(sd, "sd", steps=10, callback_on_step_end=switch_prompt,
+                                 callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    assert handle.stats["regrouped_steps"] == 1 and handle.stats["decoder_runs"] == 10 + 5
+    assert np.abs(outs[True] - outs[False]).max() < 1e-4
+
+
+def test_key_step_list_is_read_on_the_loop_that_runs():
+    pipe = make_pipe("sdxl")
+    with tiec.apply(pipe, FD(key_steps=[0, 5, 10, 15])) as handle:
+        run(pipe, "sdxl", steps=20, denoising_end=0.6, output_type="latent")  # 12 steps run
+    assert handle.stats["unet_calls"] == 12 and handle.stats["encoder_runs"] == 3
+
+
+def test_pag_look_ahead_is_counted_as_unguided():
+    from diffusers import StableDiffusionPAGPipeline
+
+    components = {k: v for k, v in make_pipe("sd").components.items() if k != "image_encoder"}
+    pipe = StableDiffusionPAGPipeline(**components, requires_safety_checker=False, pag_applied_layers=["mid"])
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad(), tiec.apply(pipe, FD(key_steps=[0, 4], estimator="interpolate")) as handle:
+        pipe(**pipe_inputs("sd", steps=8, pag_scale=2.0))
+    assert handle.stats["lookahead_runs"] == handle.stats["lookahead_unguided"] == 1

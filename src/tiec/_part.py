@@ -64,7 +64,8 @@ class Part:
                 self.reset()
 
     # -- per pipeline call -------------------------------------------------------------------
-    def begin_call(self, pipe: Any) -> None:
+    def begin_call(self, pipe: Any, call_kwargs: dict | None = None) -> None:
+        """A pipeline call begins; ``call_kwargs`` are its keyword arguments (read, never changed)."""
         self.check_linked()
         self.reset()
         self.stats = self.new_stats()

@@ -183,7 +183,7 @@ def patch_owners(obj: Any, name: str = "forward") -> list[Any]:
 
 
 def observe_calls(pipe: Any, observer: Any) -> Callable[[], None]:
-    """Call ``observer.begin_call(pipe)`` before and ``observer.end_call(pipe)`` after every ``pipe(...)``.
+    """Call ``observer.begin_call(pipe, call_kwargs)`` before and ``observer.end_call(pipe)`` after every ``pipe(...)``.
 
     ``pipe(...)`` looks ``__call__`` up on the class, so the pipeline gets a same-named subclass whose
     ``__call__`` wraps the original; when the last observer goes, the original class is put back.
@@ -199,7 +199,7 @@ def observe_calls(pipe: Any, observer: Any) -> Callable[[], None]:
             started = []
             try:
                 for obs in observers:
-                    obs.begin_call(self)
+                    obs.begin_call(self, kwargs)
                     started.append(obs)
                 return base.__call__(self, *args, **kwargs)
             finally:

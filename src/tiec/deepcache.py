@@ -51,6 +51,8 @@ class DeepCacheConfig:
 
     Example:
         >>> cfg = DeepCacheConfig(cache_interval=5, cache_branch_id=0, schedule="non-uniform")
+        >>> full_steps(20, cfg.cache_interval, cfg.schedule)  # the steps of a 20-step loop that run the whole UNet
+        (0, 4, 9, 19)
     """
 
     cache_interval: int = 3
@@ -141,8 +143,8 @@ class DeepCache(Part):
         self._sample_shape: tuple[int, ...] = ()   # the UNet input shape of that step
         self._device: torch.device | None = None   # and its device
 
-    def begin_call(self, pipe: Any) -> None:
-        super().begin_call(pipe)
+    def begin_call(self, pipe: Any, call_kwargs: dict | None = None) -> None:
+        super().begin_call(pipe, call_kwargs)
         self._pending = True
 
     def start_run(self, num_steps: int) -> None:

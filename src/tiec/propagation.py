@@ -60,6 +60,8 @@ class EncoderPropagationConfig:
 
     Example:
         >>> cfg = EncoderPropagationConfig(key_steps="uniform:5", estimator="extrapolate")
+        >>> schedules.resolve(cfg.key_steps, 20)  # the key steps of a 20-step loop
+        (0, 4, 8, 12, 16)
     """
 
     key_steps: schedules.KeyStepSpec = "faster-diffusion"
@@ -106,6 +108,7 @@ class _Slot:
         self.queue: dict[int, torch.Tensor] = {}     # batched decoder outputs of the steps to come
         self.control: Any = None                     # ControlNet output of the last key step
         self.control_scale: Any = None               # and the conditioning scale it was computed with
+        self.step_scale: tuple[int, Any] | None = None  # (step, conditioning scale) of this step's ControlNet call
 
     def store(self, step: int, coord: float, features: Features) -> int:
         """Keep the features of key step ``step``; returns how many queued decodes it made useless."""
@@ -127,6 +130,10 @@ class _Slot:
         self.key_coords.pop(step, None)
         self.predicted.pop(step, None)
 
+    def scale_at(self, step: int) -> Any:
+        """The ControlNet conditioning scale of ``step`` in this call position (None without a ControlNet)."""
+        return self.step_scale[1] if self.step_scale is not None and self.step_scale[0] == step else None
+
     def batch(self) -> int | None:
         return next(iter(self.features.values()))[0].shape[0] if self.features else None
 
@@ -134,17 +141,23 @@ class _Slot:
 class _Run:
     """The state of one sampling loop: its timeline, key steps, step cursor and per-slot caches."""
 
-    def __init__(self, config: EncoderPropagationConfig, num_steps: int, timeline: Timeline | None):
+    def __init__(self, config: EncoderPropagationConfig, num_steps: int, timeline: Timeline | None,
+                 pipe: Any = None, unet: Any = None):
         self.num_steps, self.timeline = num_steps, timeline
         self.timesteps = timeline.values if timeline is not None else None
-        self.key_steps = schedules.resolve(config.key_steps, num_steps)
+        spec = config.key_steps
+        if isinstance(spec, tuple):  # a list is read on the loop that runs (denoising_end, img2img): drop the rest
+            spec = tuple(k for k in spec if k < num_steps)
+        self.key_steps = schedules.resolve(spec, num_steps, pipe=pipe, unet=unet, estimator=config.estimator)
         self.key_set = frozenset(self.key_steps)
         self.adaptive = schedules.adaptive_threshold(config.key_steps)  # None, or T: keys chosen during the run
         self.step = -1
         self.calls: dict[str, int] = {"unet": 0, "controlnet": 0}  # calls of each kind in the current step
         self.calls_per_step = 1  # UNet calls of the first step, learned when the second begins
         self.slots: dict[int, _Slot] = {}
-        self.keep = 3 if config.extrapolation_order == 2 else 2
+        estimates = config.estimator != "reuse"
+        # key steps kept per slot: reuse reads the last one (adaptive compares two), the line two, the parabola three
+        self.keep = (3 if config.extrapolation_order == 2 else 2) if estimates else (2 if self.adaptive else 1)
         self.z_T: torch.Tensor | None = None
 
     def locate(self, caller: str, timestep: Any) -> tuple[int, _Slot] | None:
@@ -193,6 +206,9 @@ class EncoderPropagation(Part):
         if self.pipe is None and self.config.estimator == "interpolate":
             raise ValueError("estimator='interpolate' needs a pipeline (its scheduler predicts the next key "
                              "latent); apply it to the pipeline rather than to the bare UNet")
+        if self.pipe is None and self.config.noise_injection > 0:
+            raise ValueError(f"noise_injection={self.config.noise_injection} needs a pipeline (it patches the "
+                             f"scheduler's step); apply it to the pipeline rather than to the bare UNet")
         if self.pipe is None and self.config.blend_space == "log-snr":
             raise ValueError("blend_space='log-snr' needs a pipeline (its scheduler's alphas_cumprod); "
                              "apply it to the pipeline rather than to the bare UNet")
@@ -227,7 +243,8 @@ class EncoderPropagation(Part):
                 "plain_calls": 0,        # UNet calls that are no step of the loop (run plain)
                 "recomputed_steps": 0,   # non-key steps run in full: their batch no longer matched the cache
                 "unused_decodes": 0,     # batched decodes of steps that were never called (an interrupt)
-                "lookahead_unguided": 0}  # look-ahead jumps made without guidance (not a two-way batch)
+                "lookahead_unguided": 0,  # look-ahead jumps made without guidance (not a two-way batch)
+                "regrouped_steps": 0}     # queued decodes dropped: the conditioning changed inside the group
 
     def _fallback(self, counter: str, message: str) -> None:
         self.stats[counter] += 1
@@ -244,9 +261,10 @@ class EncoderPropagation(Part):
         self._run, self._pending = None, False
 
     # -- runs ------------------------------------------------------------------------------------
-    def begin_call(self, pipe: Any) -> None:
-        super().begin_call(pipe)
+    def begin_call(self, pipe: Any, call_kwargs: dict | None = None) -> None:
+        super().begin_call(pipe, call_kwargs)
         self._pending = True
+        self._denoising_end = (call_kwargs or {}).get("denoising_end")
         if self.config.noise_injection > 0:
             self._step_signature = inspect.signature(pipe.scheduler.step)
             self._noise_patch = self.patch(pipe.scheduler, "step", self._scheduler_step)
@@ -261,17 +279,14 @@ class EncoderPropagation(Part):
     def start_run(self, num_steps: int) -> None:
         """Begin a sampling loop of ``num_steps`` UNet calls (only needed for a bare UNet)."""
         self.stats = self.new_stats()
-        self._run = _Run(self.config, num_steps, None)
+        self._run = _Run(self.config, num_steps, None, None, self.unet)
 
     def _current_run(self, timestep: Any) -> _Run | None:
         if self._pending:
             self._pending = False
-            try:
-                denoising_end = getattr(self.pipe, "denoising_end", None)
-            except Exception:  # a pipeline property that cannot be read outside its own call
-                denoising_end = None
+            denoising_end = self._denoising_end
             timeline = Timeline(self.pipe.scheduler, timestep, denoising_end)
-            self._run = _Run(self.config, len(timeline), timeline)
+            self._run = _Run(self.config, len(timeline), timeline, self.pipe)
         return self._run
 
     # -- ControlNet -----------------------------------------------------------------------------
@@ -285,6 +300,7 @@ class EncoderPropagation(Part):
             return inner(*args, **kwargs)
         step, slot = located
         scale = _plain(call.get("conditioning_scale", 1.0))
+        slot.step_scale = (step, scale)
         if step in run.key_set or slot.control is None or not _same_shape(slot.control, call.get("sample")):
             out = inner(*args, **kwargs)
             slot.control, slot.control_scale = tree_clone(out), scale
@@ -294,9 +310,11 @@ class EncoderPropagation(Part):
             return tree_clone(slot.control)
         if _is_zero(scale):  # outside control_guidance_start/end: the ControlNet's residuals are zeros
             return tree_map(torch.zeros_like, slot.control)
-        # Another scale than the key step's (control_guidance_start/end): run it for this step.
+        # Another scale than the cached one (control_guidance_start/end): run it, and replay this run from here on.
+        out = inner(*args, **kwargs)
+        slot.control, slot.control_scale = tree_clone(out), scale
         self.stats["controlnet_runs"] += 1
-        return inner(*args, **kwargs)
+        return out
 
     # -- UNet -------------------------------------------------------------------------------------
     def _unet_forward(self, inner, *args, **kwargs):
@@ -324,11 +342,27 @@ class EncoderPropagation(Part):
                                "cached key step's (or no key step ran in this call position)")
             return self._key_step(inner, run, slot, step, t, call)
         queued = slot.queue.pop(step, None)
-        out = queued if queued is not None else self._decode(inner, run, slot, self._group(run, step), call)
+        if queued is not None and not (queued[2] == slot.scale_at(step) and _same_inputs(queued[1], call)):
+            # the conditioning changed inside the group (a callback, control_guidance_start/end): decode anew
+            self._fallback("regrouped_steps", "a queued decode was dropped: the step's conditioning differs from "
+                           "the one the group was decoded with")
+            self.stats["unused_decodes"] += 1 + len(slot.queue)
+            slot.queue.clear()
+            queued = None
+        out = queued[0] if queued is not None else self._decode(inner, run, slot, self._group(run, step), call, t)
         return self._wrap(out, call.get("return_dict", True))
 
     def _key_step(self, inner, run: _Run, slot: _Slot, step: int, t: float, call: dict) -> Any:
-        out, features = self.split.capture(lambda: inner(**call))
+        needed = run.keep > 1 or self.config.estimator != "reuse" or (step + 1 < run.num_steps
+                                                                       and step + 1 not in run.key_set)
+        if not needed:  # reuse, and the next step is a key step too: these features would never be read
+            self.stats["unused_decodes"] += len(slot.queue)
+            slot.queue.clear()
+            out = inner(**_fresh(call))
+            self.stats["encoder_runs"] += 1
+            self.stats["decoder_runs"] += 1
+            return out
+        out, features = self.split.capture(lambda: inner(**_fresh(call)))
         self.stats["unused_decodes"] += slot.store(step, self._coord(step, t), features)
         self.stats["encoder_runs"] += 1
         self.stats["decoder_runs"] += 1
@@ -366,15 +400,16 @@ class EncoderPropagation(Part):
             end = min(end, step + self.config.max_parallel)
         return list(range(step, end))
 
-    def _decode(self, inner, run: _Run, slot: _Slot, steps: list[int], call: dict) -> torch.Tensor:
+    def _decode(self, inner, run: _Run, slot: _Slot, steps: list[int], call: dict, t: float) -> torch.Tensor:
         """Decode ``steps`` (the first being this call's) in one UNet call with the encoder skipped.
 
         The first step's output is returned, the others are queued for the calls to come. The decoder never
         sees a cached tensor: FreeU and adapters write into what they are given.
         """
-        call = dict(call, return_dict=False)
+        inputs = _input_refs(call)
+        call = dict(_fresh(call), return_dict=False)
         if len(steps) == 1:
-            features = self._estimate(run, slot, steps[0])
+            features = self._estimate(run, slot, steps[0], t)
             if any(f is c for f, c in zip(features, slot.features[max(slot.features)])):
                 features = tuple(f.clone() for f in features)
         else:
@@ -383,8 +418,9 @@ class EncoderPropagation(Part):
         out = self.split.decode(lambda: inner(**call), features)[0]
         self.stats["decoder_runs"] += len(steps)
         outs = out.chunk(len(steps))
+        scale = slot.scale_at(steps[0])
         for s, o in zip(steps[1:], outs[1:]):
-            slot.queue[s] = o
+            slot.queue[s] = (o, inputs, scale)
         return outs[0]
 
     def _batched_inputs(self, run: _Run, slot: _Slot, steps: list[int], call: dict) -> tuple[Features, dict]:
@@ -430,12 +466,15 @@ class EncoderPropagation(Part):
         alpha = _alpha_at(self.pipe.scheduler.alphas_cumprod, t)
         return math.log(alpha / (1.0 - alpha))
 
-    def _estimate(self, run: _Run, slot: _Slot, step: int) -> Features:
-        """The features step ``step`` decodes from, by the configured estimator (may alias the cache)."""
+    def _estimate(self, run: _Run, slot: _Slot, step: int, t: float | None = None) -> Features:
+        """The features step ``step`` decodes from, by the configured estimator (may alias the cache).
+
+        ``t`` is the step's timestep when the run has no timeline (a bare UNet: the call's own).
+        """
         key = max(slot.features)
         current = slot.features[key]
         estimator = self.config.estimator
-        t = run.time(step)
+        t = run.time(step) if run.timesteps is not None else t
         here = self._coord(step, t if t is not None else 0.0)
         if estimator == "interpolate" and key in slot.predicted:
             next_key = run.next_key(step)
@@ -461,19 +500,26 @@ class EncoderPropagation(Part):
         """
         scheduler = self.pipe.scheduler
         sample = call["sample"]
-        channels = min(sample.shape[1], model_output.shape[1])
+        out_channels = model_output.shape[1]
+        if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
+            out_channels //= 2  # DeepFloyd IF: epsilon, then the variance
+        channels = min(sample.shape[1], out_channels)
         prediction = model_output[:, :channels].float()
         scale = _guidance_scale(self.pipe)
-        if scale is not None and prediction.shape[0] % 2 == 0:
+        guided = scale is not None and prediction.shape[0] % 2 == 0
+        if guided:  # the pipeline guides a batch [uncond, cond] of one latent: its two halves are equal
+            first, second = sample.chunk(2)
+            guided = torch.equal(first, second)
+        if guided:
             uncond, cond = prediction.chunk(2)
             guided = uncond + scale * (cond - uncond)
             rescale = getattr(self.pipe, "guidance_rescale", 0.0) or 0.0
             if rescale > 0:
                 guided = _rescale_guidance(guided, cond, rescale)
             prediction = torch.cat([guided, guided])
-        elif scale is not None:
+        elif scale is not None or getattr(self.pipe, "do_perturbed_attention_guidance", False):
             self._fallback("lookahead_unguided", "the look-ahead used each sample's own prediction: the guidance "
-                           "batch is not two-way")
+                           "batch is not [uncond, cond] of one latent (PAG, split calls)")
         alphas = scheduler.alphas_cumprod
         prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
         latent = sample[:, :channels]
@@ -483,7 +529,7 @@ class EncoderPropagation(Part):
             x_next = torch.cat([x_next, sample[:, channels:]], dim=1)
         timestep = call["timestep"]
         next_timestep = torch.full_like(timestep, t_next) if isinstance(timestep, torch.Tensor) else t_next
-        lookahead = dict(call, sample=x_next, timestep=next_timestep)
+        lookahead = dict(_fresh(call), sample=x_next, timestep=next_timestep)
         features = self.split.encode(lambda: inner(**lookahead))
         self.stats["encoder_runs"] += 1
         self.stats["lookahead_runs"] += 1
@@ -522,6 +568,43 @@ class EncoderPropagation(Part):
         return out
 
 
+# Call arguments a queued decode does not depend on, or that are checked otherwise (the ControlNet's scale).
+_UNCHECKED = frozenset({"sample", "timestep", "return_dict", "down_block_additional_residuals",
+                        "mid_block_additional_residual", "down_intrablock_additional_residuals"})
+
+
+def _call_tensors(call: dict) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    for key in sorted(call):
+        if key not in _UNCHECKED:
+            tree_map(found.append, call[key])
+    return found
+
+
+def _input_refs(call: dict) -> list[tuple[torch.Tensor, int]]:
+    """What the conditioning of a decode was: each input tensor and its version (held until the group ends)."""
+    return [(t, t._version) for t in _call_tensors(call)]
+
+
+def _same_inputs(refs: list[tuple[torch.Tensor, int]], call: dict) -> bool:
+    """Whether a call's conditioning is what :func:`_input_refs` recorded, unchanged (no device sync).
+
+    The same memory (address, shape, strides, dtype) and no write since: per-step views of one tensor (a
+    pipeline that splits its guidance batch) match. The recorded tensors are held, so no new tensor can be
+    allocated at their address in the meantime.
+    """
+    tensors = _call_tensors(call)
+    return len(tensors) == len(refs) and all(
+        t is old or (t.data_ptr() == old.data_ptr() and t.shape == old.shape and t.stride() == old.stride()
+                     and t.dtype == old.dtype and t.device == old.device)
+        for (old, _), t in zip(refs, tensors)) and all(t._version == v for (_, v), t in zip(refs, tensors))
+
+
+def _fresh(call: dict) -> dict:
+    """The call with its containers rebuilt: the UNet pops adapter residuals from the lists it is given."""
+    return tree_map(lambda t: t, call)
+
+
 def _input_scale(scheduler: Any, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
     """The factor ``scheduler.scale_model_input`` applies at ``timestep``: 1 for DDIM, 1/sqrt(sigma^2+1) for Euler."""
     one = torch.ones((1,) * sample.ndim, device=sample.device, dtype=torch.float32)
@@ -532,7 +615,7 @@ def _guidance_scale(pipe: Any) -> float | None:
     """The pipeline's classifier-free guidance scale while it guides, else None (read without failing)."""
     try:
         if not getattr(pipe, "do_classifier_free_guidance", False) or \
-                getattr(pipe, "do_perturbed_attention_guidance", False):  # PAG: a three-way batch
+                getattr(pipe, "do_perturbed_attention_guidance", False):  # PAG: a three-way batch, not guided here
             return None
         return float(pipe.guidance_scale)
     except (AttributeError, TypeError):

@@ -43,6 +43,9 @@ class TokenMergingConfig:
 
     Example:
         >>> cfg = TokenMergingConfig(ratio=0.5, max_downsample=2)
+        >>> TokenMergingConfig(ratio=0.5, max_downsample=3)
+        Traceback (most recent call last):
+        ValueError: max_downsample=3 must be a power of two (1, 2, 4, 8, ...): the largest downsampling factor ...
     """
 
     ratio: float = 0.5
@@ -108,8 +111,8 @@ class TokenMerging(Part):
     def new_stats(self) -> dict[str, int]:
         return {"merged_blocks": 0, "merged_layers": 0}
 
-    def begin_call(self, pipe: Any) -> None:
-        super().begin_call(pipe)
+    def begin_call(self, pipe: Any, call_kwargs: dict | None = None) -> None:
+        super().begin_call(pipe, call_kwargs)
         self._restart_generators()
 
     def start_run(self, num_steps: int) -> None:
