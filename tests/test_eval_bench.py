@@ -13,7 +13,7 @@ from tiec.eval import bench as B
 from tiec.eval import methods as M
 from tiec.eval.dist import Dist, merge, shard
 from tiec.eval.prompts import cycle, load_prompts
-from tiec.eval.report import gap_recovery, pareto_front, place_labels
+from tiec.eval.report import gap_recovery, pareto_front, place_labels, results_table
 from tiec.eval.results import append_row, read_rows
 
 
@@ -201,6 +201,7 @@ def test_bench_end_to_end_resume_and_report(tmp_path, fmnist_dir, monkeypatch):
             assert name in row, name
         assert row["num_images"] == 4 and row["num_steps"] == 4 and row["clip_score"] is None
         assert np.isfinite(row["fid"]) and 0 <= row["adherence"] <= 1 and row["s_per_image"] > 0
+        assert 0 <= row["speckle"] <= 1  # the demo pipeline class: its uncropped samples' frame
     assert full["key_steps"] == [0, 1, 2, 3] and full["psnr"] is None and full["encoder_runs"] == 4
     assert reuse["key_steps"] == [0, 2] and reuse["encoder_runs"] == 2 and reuse["decoder_runs"] == 4
     assert rows[3]["encoder_runs"] == 3  # interpolate: key steps 0, 2 and one look-ahead (step 0 -> 2)
@@ -212,6 +213,14 @@ def test_bench_end_to_end_resume_and_report(tmp_path, fmnist_dir, monkeypatch):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| full | DDIM 4 | all |" in report and "gap recovered" in report
+    assert "| speckle |" in report.splitlines()[report.splitlines().index("## Results") + 2]
+    assert f"{100 * full['speckle']:.1f}% |" in report
+    # the real figure, once, from the 40 reference images of the fixture padded as in training
+    from tiec.demo.data import load_fashion_mnist
+
+    real = B.padded_speckle(load_fashion_mnist("test", fmnist_dir)[0])
+    assert report.count("real test images padded as in training") == 1
+    assert f"**{100 * real:.1f}%** (the 40 reference images)" in report
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 4
 
@@ -295,7 +304,36 @@ def test_bench_with_the_demo_architecture(tmp_path, fmnist_dir):
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # restored after the run
 
 
+def test_kept_samples_are_the_uncropped_images():
+    pipe = tiny_demo_pipeline()
+    prompts = ["sneaker", "bag", "dress"]
+    config = M.build_configs(M.parse_method("reuse"), "uniform:2")
+    g = B.generate(pipe, config, 4, prompts, range(3), seed=0, batch_size=2, progress=False, keep_samples=True)
+    assert g.samples.shape == (3, 32, 32, 1) and g.samples.dtype == np.uint8
+    np.testing.assert_array_equal(g.samples[:, 2:30, 2:30], g.images)  # the pipeline's crop of the same latents
+    plain = B.generate(pipe, config, 4, prompts, range(3), seed=0, batch_size=2, progress=False)
+    assert plain.samples is None
+    np.testing.assert_array_equal(plain.images, g.images)  # keeping them changes nothing
+
+
+def test_padded_speckle_pads_like_training():
+    images = np.zeros((2, 28, 28), np.uint8)
+    images[0] = 255  # padded to 32x32: the 2-pixel pad is background, the image's edge ring (108 px) is bright
+    images[1, 1:27, 1:27] = 255  # nothing on the edge ring
+    assert B.padded_speckle(images) == pytest.approx((108 / 348 + 0) / 2)
+    assert B.row_metrics(images, ["bag", "bag"], None, demo=False, extractor=None, reference=None,
+                         clip_scorer=None)["speckle"] is None  # no samples (not the demo model): no figure
+
+
 # -- report ---------------------------------------------------------------------------------------------
+
+def test_results_table_reads_rows_without_speckle():
+    old = {**_row("full", 10.0, 2.0), "key_steps": list(range(20))}  # written before the field existed
+    new = {**_row("reuse", 12.0, 1.0), "key_steps": [0, 5, 10, 15], "speckle": 0.179}
+    table = results_table([old, new]).splitlines()
+    assert "| speckle |" in table[0]
+    assert table[2].split(" | ")[4] == "–" and table[3].split(" | ")[4] == "17.9%"
+    assert "speckle" not in results_table([old])  # no row has it: no column
 
 def _row(method, fid, s, schedule="ddim20:uniform:5"):
     return {"method": method, "schedule": schedule if method != "full" else "ddim20", "sampler": "ddim",

@@ -8,8 +8,8 @@ import scipy.linalg
 import torch
 
 from tiec.eval import fid as F
-from tiec.eval.metrics import (SSIM_K1, SSIM_K2, frechet_distance, frechet_distance_to_features, gaussian_stats,
-                               psnr, ssim)
+from tiec.eval.metrics import (SSIM_K1, SSIM_K2, frame_speckle, frechet_distance, frechet_distance_to_features,
+                               gaussian_stats, psnr, ssim)
 
 
 # -- PSNR / SSIM -------------------------------------------------------------------------------------
@@ -57,6 +57,38 @@ def test_ssim_matches_a_direct_window_by_window_computation():
 def test_metrics_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="differ in shape"):
         psnr(np.zeros((2, 8, 8)), np.zeros((3, 8, 8)))
+
+
+# -- frame speckle -------------------------------------------------------------------------------------
+
+def test_frame_speckle_counts_bright_values_in_the_outer_frame_only():
+    # 32x32 with a 3-pixel frame: 32^2 - 26^2 = 348 frame pixels
+    images = np.zeros((3, 32, 32))
+    images[1, 0, 0] = images[1, 2, 17] = images[1, 31, 29] = 1.0  # in the frame (row 2 and column 29 are its edge)
+    images[1, 3, 3] = images[1, 16, 16] = images[1, 28, 28] = 1.0  # inside: not counted
+    images[2] = 0.9
+    np.testing.assert_allclose(frame_speckle(images), [0.0, 3 / 348, 1.0])
+    # the default frame and threshold are the issue's: 3 pixels, 0.25
+    np.testing.assert_allclose(frame_speckle(images, frame=1), [0.0, 2 / 124, 1.0])  # (2, 17) is not in a 1-px frame
+
+
+def test_frame_speckle_threshold_is_strict_and_reads_uint8_as_x_over_255():
+    u = np.zeros((2, 8, 8, 1), np.uint8)
+    u[0, 0, :] = 64  # 0.251 > 0.25: counted
+    u[1, 0, :] = 63  # 0.247: not
+    np.testing.assert_allclose(frame_speckle(u, frame=2), [8 / 48, 0.0])  # 64 - 16 = 48 frame pixels
+    f = np.full((1, 8, 8), 0.25)
+    assert frame_speckle(f)[0] == 0.0  # exactly the threshold is not above it
+    rgb = np.zeros((1, 6, 6, 3))
+    rgb[0, 0, 0, 0] = 1.0  # each channel value counts once: 1 of 32 pixels x 3 channels
+    np.testing.assert_allclose(frame_speckle(rgb, frame=1), [1 / 60])
+
+
+def test_frame_speckle_rejects_a_bad_frame():
+    for frame in (0, 5, 1.5):
+        with pytest.raises(ValueError, match="frame="):
+            frame_speckle(np.zeros((1, 8, 8)), frame=frame)
+    np.testing.assert_allclose(frame_speckle(np.ones((1, 8, 8)), frame=4), [1.0])  # the whole image
 
 
 # -- Frechet distance ---------------------------------------------------------------------------------
@@ -177,3 +209,73 @@ def test_fashion_mnist_reference_on_a_small_idx_set(tmp_path):
     assert mu.shape == (3,) and sigma.shape == (3, 3) and "20 images" in what
     F.fashion_mnist_reference(Fake(), count=20, data_dir=tmp_path, cache_dir=tmp_path / "c")
     assert Fake.calls == 1  # second time from the cache
+
+
+def test_fashion_mnist_reference_cache_is_keyed_by_the_images_not_the_folder(tmp_path):
+    """The same images from two folders share one entry; other images in the same file (same name, size and
+    date) are never served the old statistics."""
+    import os
+
+    from tiec.demo.data import write_idx
+
+    class Fake:
+        name = "fake-mean"
+        calls = 0
+
+        def __call__(self, images):
+            Fake.calls += 1
+            arr = np.asarray(images, np.float64).reshape(len(images), -1)
+            return np.stack([arr.mean(1), arr.std(1), arr[:, :10].mean(1)], 1)
+
+    rng = np.random.default_rng(9)
+    images, labels = rng.integers(0, 256, (30, 28, 28)), rng.integers(0, 10, 30)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_idx(tmp_path / folder / "t10k-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / folder / "t10k-labels-idx1-ubyte.gz", labels)
+    cache = tmp_path / "cache"
+    (mu_a, _), what = F.fashion_mnist_reference(Fake(), count=20, data_dir=tmp_path / "a", cache_dir=cache)
+    (mu_b, _), _ = F.fashion_mnist_reference(Fake(), count=20, data_dir=tmp_path / "b", cache_dir=cache)
+    assert Fake.calls == 1 and np.array_equal(mu_a, mu_b) and f"read from folder {tmp_path / 'a'}" in what
+
+    # other images in place of folder a's, keeping the file's size and date: new statistics
+    target = tmp_path / "a" / "t10k-images-idx3-ubyte.gz"
+    stat = target.stat()
+    write_idx(target, 255 - images)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (mu_c, _), _ = F.fashion_mnist_reference(Fake(), count=20, data_dir=tmp_path / "a", cache_dir=cache)
+    assert Fake.calls == 2 and not np.array_equal(mu_a, mu_c)
+    # a subset of another size is another entry
+    F.fashion_mnist_reference(Fake(), count=10, data_dir=tmp_path / "b", cache_dir=cache)
+    assert Fake.calls == 3
+
+
+def test_folder_reference_cache_is_keyed_by_file_contents(tmp_path):
+    import os
+
+    from PIL import Image
+
+    class Fake:
+        name = "fake-mean"
+        calls = 0
+
+        def __call__(self, images):
+            Fake.calls += 1
+            return np.stack([[np.mean(im), np.std(im), np.mean(im[:4])] for im in images])
+
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    rng = np.random.default_rng(10)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.bmp")  # fixed-size files
+    cache = tmp_path / "cache"
+    (mu_a, _), _ = F.folder_reference(Fake(), folder, cache_dir=cache)
+    F.folder_reference(Fake(), folder, cache_dir=cache)
+    assert Fake.calls == 1
+    target = folder / "0.bmp"
+    stat, size = target.stat(), target.stat().st_size
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(target)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert target.stat().st_size == size  # same name, size and date: only the contents differ
+    (mu_b, _), _ = F.folder_reference(Fake(), folder, cache_dir=cache)
+    assert Fake.calls == 2 and not np.array_equal(mu_a, mu_b)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import methods as M
 from .dist import Dist, merge, shard, synchronize
 from .fid import FeatureExtractor, to_uint8
-from .metrics import frechet_distance_to_features, psnr, ssim
+from .metrics import frame_speckle, frechet_distance_to_features, psnr, ssim
 from .results import append_row, digest, images_path, latest, load_images, read_rows, save_images
 
 QUICK = dict(methods=M.CORE_METHODS, schedules=("ddim20:uniform:5",), num_images=40, batch_size=10,
@@ -66,6 +66,8 @@ class BenchSettings:
 
     Example:
         >>> settings = BenchSettings.create(quick=True, model="demo-random", out="runs/quick")
+        >>> settings.methods, settings.schedules, settings.num_images
+        (('full', 'reuse', 'extrapolate', 'interpolate'), ('ddim20:uniform:5',), 40)
     """
 
     model: str = "demo"
@@ -153,6 +155,9 @@ def check_reference_size(settings: BenchSettings, demo: bool) -> None:
 
     Example:
         >>> check_reference_size(BenchSettings(reference_size=500), demo=True)  # the test set holds 10000
+        >>> check_reference_size(BenchSettings(reference_size=20000), demo=True)
+        Traceback (most recent call last):
+        ValueError: reference_size=20000 (--reference-size): the Fashion-MNIST test set holds 10000 images; ...
     """
     if settings.reference_size is None:
         return
@@ -161,9 +166,9 @@ def check_reference_size(settings: BenchSettings, demo: bool) -> None:
 
         available, what = len(image_files(settings.reference)), f"--reference {settings.reference}"
     elif demo:
-        from ..demo.data import DEFAULT_DATA_DIR, FILES, DataError, _find, read_idx
+        from ..demo.data import FILES, DataError, _find, read_idx, resolve_data_dir
 
-        folder = Path(settings.data_dir) if settings.data_dir is not None else DEFAULT_DATA_DIR
+        folder = resolve_data_dir("test", settings.data_dir)
         try:  # the labels file is small; a missing data set is reported where the images are loaded
             available, what = len(read_idx(_find(folder, FILES["test"][1]))), "the Fashion-MNIST test set"
         except DataError:
@@ -175,6 +180,29 @@ def check_reference_size(settings: BenchSettings, demo: bool) -> None:
                          f"images; use at most {available}, or leave it out to use them all")
 
 
+def check_reference_data(settings: BenchSettings, demo: bool) -> None:
+    """``DataError`` before the model loads when ``--data-dir`` is given (demo model, no ``--reference``) but the
+    folder lacks the Fashion-MNIST test split. A folder the user names is used or refused, never silently
+    replaced: only without ``--data-dir`` does the test split fall back from Debian's package to tiec's copy.
+
+    Example:
+        >>> from tiec.demo.data import SHIPPED_TEST_DIR
+        >>> check_reference_data(BenchSettings(data_dir=str(SHIPPED_TEST_DIR)), demo=True)  # holds the test split
+        >>> check_reference_data(BenchSettings(data_dir="no/such/folder"), demo=True)
+        Traceback (most recent call last):
+        tiec.demo.data.DataError: --data-dir no/such/folder: the folder does not exist. ...
+    """
+    if not demo or settings.reference is not None or settings.data_dir is None:
+        return
+    from ..demo.data import FILES, HOW_TO_GET, DataError, _find
+
+    folder = Path(settings.data_dir)
+    if not folder.is_dir():
+        raise DataError(f"--data-dir {folder}: the folder does not exist. {HOW_TO_GET}")
+    for name in FILES["test"]:
+        _find(folder, name)
+
+
 @dataclass
 class Generation:
     """One process's share of a row: its images and what was measured while making them."""
@@ -184,6 +212,7 @@ class Generation:
     seconds_per_image: list[float] = field(default_factory=list)
     gflops_per_image: float | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    samples: np.ndarray | None = None  # the demo's uncropped 32x32 samples (uint8), for the speckle figure
 
 
 # -- model and prompts --------------------------------------------------------------------------------
@@ -193,6 +222,8 @@ def load_model(spec: str, device: torch.device) -> tuple[Any, str]:
 
     Example:
         >>> pipe, fingerprint = load_model("demo-random", torch.device("cpu"))
+        >>> type(pipe).__name__, fingerprint
+        ('FashionPipeline', 'demo-random:seed0')
     """
     if spec == "demo":
         from ..demo import load_pipeline
@@ -250,15 +281,27 @@ def bench_prompts(settings: BenchSettings, pipe: Any) -> list[str]:
 # -- generation ----------------------------------------------------------------------------------------
 
 def _call(pipe: Any, prompts: Sequence[str], indices: Sequence[int], num_steps: int, seed: int,
-          guidance_scale: float | None) -> np.ndarray:
+          guidance_scale: float | None, keep_samples: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The uint8 images of one pipeline call and, with ``keep_samples`` (demo pipelines), the final latents
+    before the 32x32 -> 28x28 crop, on the same [0, 1] scale (``x / 2 + 0.5``), as uint8."""
     kwargs: dict[str, Any] = dict(num_inference_steps=num_steps, output_type="np",
                                   generator=[torch.Generator("cpu").manual_seed(seed + i) for i in indices])
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
+    final: dict[str, torch.Tensor] = {}
+    if keep_samples:
+        def keep_latents(pipeline, step, timestep, tensors):  # holds a reference only: no copy, no sync
+            final["latents"] = tensors["latents"]
+            return tensors
+
+        kwargs["callback_on_step_end"] = keep_latents
     images = pipe([prompts[i] for i in indices], **kwargs).images
     if isinstance(images, torch.Tensor):
         images = images.permute(0, 2, 3, 1).cpu().numpy()
-    return to_uint8(np.asarray(images))
+    samples = None
+    if "latents" in final:
+        samples = to_uint8((final["latents"].float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+    return to_uint8(np.asarray(images)), samples
 
 
 def unet_flops(counter: Any, pipe: Any) -> int:
@@ -270,16 +313,19 @@ def unet_flops(counter: Any, pipe: Any) -> int:
 
 def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequence[str], indices: Sequence[int],
              seed: int, batch_size: int, guidance_scale: float | None = None, progress: bool = True,
-             label: str = "") -> Generation:
+             label: str = "", keep_samples: bool = False) -> Generation:
     """Generate the images ``indices`` with ``configs`` applied; time the calls and count the UNet FLOPs.
 
     The first batch is the warm-up: it runs under ``tiec.flops.flop_counter()`` (FLOPs per image = its
     UNet FLOPs / its size) and is not timed. The other batches are timed with the device synchronised;
-    with a single batch, it is run once more for the timing.
+    with a single batch, it is run once more for the timing. ``keep_samples`` (demo pipelines only): also
+    keep each image's uncropped 32x32 sample in ``Generation.samples`` (for ``frame_speckle``).
 
     Example:
-        >>> g = generate(pipe, [tiec.EncoderPropagationConfig(key_steps="uniform:5")], 20, prompts, [0, 1], 0, 2)
-        >>> g.images.shape, g.gflops_per_image
+        >>> configs = [tiec.EncoderPropagationConfig(key_steps="uniform:5")]
+        >>> g = generate(pipe, configs, 10, ["sneaker", "bag"], [0, 1], seed=0, batch_size=2, progress=False)
+        >>> g.images.shape, g.stats["encoder_runs"], g.stats["decoder_runs"], g.gflops_per_image > 0
+        ((2, 28, 28, 1), 5, 10, True)
     """
     from ..api import apply
     from ..flops import flop_counter
@@ -290,21 +336,23 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
         return Generation([], None)
     handle = apply(pipe, *configs) if configs else None
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    out, per_image, gflops = [], [], None
+    out, samples, per_image, gflops = [], [], [], None
     try:
         with torch.no_grad():
             for b, batch in enumerate(tqdm(batches, desc=f"generate {label}".strip(), unit="batch",
                                            disable=not progress or len(batches) < 2, leave=False)):
                 if b == 0:
                     with flop_counter() as counter:
-                        out.append(_call(pipe, prompts, batch, num_steps, seed, guidance_scale))
+                        images, kept = _call(pipe, prompts, batch, num_steps, seed, guidance_scale, keep_samples)
                     gflops = unet_flops(counter, pipe) / len(batch) / 1e9
-                    continue
-                synchronize(device)
-                start = time.perf_counter()
-                out.append(_call(pipe, prompts, batch, num_steps, seed, guidance_scale))
-                synchronize(device)
-                per_image.append((time.perf_counter() - start) / len(batch))
+                else:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    images, kept = _call(pipe, prompts, batch, num_steps, seed, guidance_scale, keep_samples)
+                    synchronize(device)
+                    per_image.append((time.perf_counter() - start) / len(batch))
+                out.append(images)
+                samples.append(kept)
             if len(batches) == 1:
                 synchronize(device)
                 start = time.perf_counter()
@@ -315,21 +363,30 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
     finally:
         if handle is not None:
             handle.remove()
-    return Generation(indices, np.concatenate(out), per_image, gflops, stats)
+    kept_all = np.concatenate(samples) if keep_samples and all(k is not None for k in samples) else None
+    return Generation(indices, np.concatenate(out), per_image, gflops, stats, kept_all)
 
 
 # -- metrics -------------------------------------------------------------------------------------------
 
 def row_metrics(images: np.ndarray, prompts: Sequence[str], full: np.ndarray | None, *, demo: bool,
                 extractor: FeatureExtractor | None, reference: tuple[np.ndarray, np.ndarray] | None,
-                clip_scorer: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None) -> dict[str, Any]:
-    """FID, adherence, CLIPScore, PSNR and SSIM of one row's images (None where not applicable).
+                clip_scorer: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None,
+                samples: np.ndarray | None = None) -> dict[str, Any]:
+    """FID, adherence, CLIPScore, PSNR, SSIM and speckle of one row's images (None where not applicable).
+
+    ``speckle`` is ``frame_speckle`` of ``samples`` (the demo's uncropped 32x32 samples) averaged over the
+    images: the share of pixels above 0.25 in their outer 3-pixel frame.
 
     Example:
-        >>> row_metrics(images, prompts, full_images, demo=True, extractor=None, reference=None, clip_scorer=None)
-        {'fid': None, 'adherence': 0.9, 'clip_score': None, 'psnr': 31.2, 'ssim': 0.95}
+        >>> from tiec.demo.data import load_fashion_mnist
+        >>> images, labels = load_fashion_mnist("test")  # four real images in the place of generated ones
+        >>> prompts = [tiec.demo.CLASSES[i] for i in labels[:4]]
+        >>> row_metrics(images[:4], prompts, images[:4], demo=True, extractor=None, reference=None, clip_scorer=None)
+        {'fid': None, 'adherence': 1.0, 'clip_score': None, 'psnr': inf, 'ssim': 1.0, 'speckle': None}
     """
-    result: dict[str, Any] = {"fid": None, "adherence": None, "clip_score": None, "psnr": None, "ssim": None}
+    result: dict[str, Any] = {"fid": None, "adherence": None, "clip_score": None, "psnr": None, "ssim": None,
+                              "speckle": None}
     if extractor is not None and reference is not None and len(images) >= 2:
         result["fid"] = frechet_distance_to_features(extractor(images), *reference)
     if demo:
@@ -342,7 +399,23 @@ def row_metrics(images: np.ndarray, prompts: Sequence[str], full: np.ndarray | N
     if full is not None:
         result["psnr"] = float(np.mean(psnr(images, full)))
         result["ssim"] = float(np.mean(ssim(images, full)))
+    if samples is not None:
+        result["speckle"] = float(np.mean(frame_speckle(samples)))
     return result
+
+
+def padded_speckle(images: np.ndarray) -> float:
+    """``frame_speckle`` of real 28x28 uint8 images padded to 32x32 the way the demo's training pads them
+    (``tiec.demo.model.pad_images``: background 0), the figure a sample's speckle is compared with.
+
+    Example:
+        >>> padded_speckle(np.zeros((2, 28, 28), np.uint8))
+        0.0
+    """
+    from ..demo.model import pad_images
+
+    padded = (pad_images(torch.from_numpy(np.asarray(images, np.uint8))) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
+    return float(np.mean(frame_speckle(padded[:, 0].numpy())))
 
 
 def versions() -> dict[str, str]:
@@ -415,7 +488,13 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
         model_fingerprint: identifies ``pipe``'s weights in the resume key (default: its class name).
 
     Example:
-        >>> rows = run_bench(BenchSettings.create(quick=True, model="demo-random", out="runs/quick"))
+        >>> settings = BenchSettings(model="demo-random", methods=("reuse",), schedules=("ddim4:uniform:2",),
+        ...                          num_images=2, batch_size=2, reference_size=2, out="runs/tiny")
+        >>> rows = run_bench(settings, progress=False)  # a tiny run: the quick one (quick=True) takes minutes
+        >>> [(r["method"], r["schedule"], r["encoder_runs"], r["decoder_runs"]) for r in rows]
+        [('full', 'ddim4', 4, 4), ('reuse', 'ddim4:uniform:2', 2, 4)]
+        >>> sorted(p.name for p in Path("runs/tiny").iterdir())
+        ['grid.png', 'images', 'pareto.png', 'report.md', 'results.jsonl']
     """
     from .report import write_report
 
@@ -426,7 +505,9 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
     if main and dist.device.type == "cpu":
         _warn_if_cpu_busy()
     items = plan(settings)
-    check_reference_size(settings, is_demo(pipe) if pipe is not None else settings.model in ("demo", "demo-random"))
+    demo_model = is_demo(pipe) if pipe is not None else settings.model in ("demo", "demo-random")
+    check_reference_data(settings, demo_model)
+    check_reference_size(settings, demo_model)
     if pipe is None:
         pipe, fingerprint = load_model(settings.model, dist.device)
     else:
@@ -439,7 +520,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
     out_dir = Path(settings.out)
     results_path = out_dir / "results.jsonl"
 
-    reference, reference_what, fid_name = None, None, None
+    reference, reference_what, fid_name, real_speckle = None, None, None, None
     wants_fid = demo or settings.reference is not None
     if wants_fid and main:
         if extractor is None:
@@ -448,6 +529,8 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
             extractor = InceptionFeatures(dist.device, settings.fid_network, progress=progress)
         fid_name = extractor.name
         reference, reference_what = _reference(settings, extractor, demo)
+        if demo and settings.reference is None:
+            real_speckle = _reference_speckle(settings)
     elif not wants_fid and main:
         warnings.warn(f"--model {settings.model}: no --reference folder, so no FID", stacklevel=2)
     fid_name = dist.broadcast(fid_name)
@@ -472,7 +555,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
             mine = shard(settings.num_images, dist.rank, dist.world)
             generation = generate(pipe, item.configs, item.schedule.num_steps, prompts, mine, settings.seed,
                                   settings.batch_size, guidance, progress and main,
-                                  f"{item.method.name} {item.label}")
+                                  f"{item.method.name} {item.label}", keep_samples=demo)
             gathered = dist.gather(generation)
             if main:
                 images = merge([(g.indices, g.images) for g in gathered], settings.num_images)
@@ -489,7 +572,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
         return []
     rows = [done[item.row_key] for item in items if item.row_key in done]
     write_report(out_dir, rows, prompts=prompts, seed=settings.seed, columns=settings.grid_columns,
-                 notes=_notes(settings, reference_what, demo))
+                 notes=_notes(settings, reference_what, demo, real_speckle))
     return rows
 
 
@@ -513,13 +596,26 @@ def _reference(settings: BenchSettings, extractor: FeatureExtractor, demo: bool)
     return fashion_mnist_reference(extractor, settings.reference_size, settings.data_dir, settings.cache_dir)
 
 
+def _reference_speckle(settings: BenchSettings) -> tuple[float, int]:
+    """``padded_speckle`` of the Fashion-MNIST reference images (the same subset as the FID reference)."""
+    from ..demo.data import load_fashion_mnist
+    from .fid import fashion_mnist_subset
+
+    images, _ = load_fashion_mnist("test", settings.data_dir)
+    subset = images[fashion_mnist_subset(settings.reference_size, len(images))]
+    return padded_speckle(subset), len(subset)
+
+
 def _row(settings: BenchSettings, item: _Item, images: np.ndarray, gathered: list[Generation], prompts, demo,
          extractor, reference, reference_what, clip_scorer, out_dir: Path, key: str, guidance, dist: Dist) -> dict:
     full = None
     if item.method.name != "full":
         full = load_images(images_path(out_dir, item.schedule.base, "full"), key)
+    samples = None
+    if demo and all(g.samples is not None for g in gathered if g.indices):
+        samples = merge([(g.indices, g.samples) for g in gathered], settings.num_images)
     metrics = row_metrics(images, prompts, full, demo=demo, extractor=extractor, reference=reference,
-                          clip_scorer=clip_scorer)
+                          clip_scorer=clip_scorer, samples=samples)
     timings = [t for g in gathered for t in g.seconds_per_image]
     main_gen = next((g for g in gathered if g.gflops_per_image is not None), None)
     stats = dict(main_gen.stats) if main_gen is not None else {}
@@ -555,7 +651,8 @@ def _row(settings: BenchSettings, item: _Item, images: np.ndarray, gathered: lis
     }
 
 
-def _notes(settings: BenchSettings, reference_what: str | None, demo: bool) -> list[str]:
+def _notes(settings: BenchSettings, reference_what: str | None, demo: bool,
+           real_speckle: tuple[float, int] | None = None) -> list[str]:
     notes = [f"model: `{settings.model}`; {settings.num_images} images per row, seeds {settings.seed}.."
              f"{settings.seed + settings.num_images - 1} (image i: seed + i), the same prompts for every row"]
     if reference_what:
@@ -564,6 +661,11 @@ def _notes(settings: BenchSettings, reference_what: str | None, demo: bool) -> l
                      f"compare rows with each other, not with published numbers")
     if demo:
         notes.append("adherence: accuracy of the demo's Fashion-MNIST classifier on the prompted class")
+        real = (f"; real test images padded as in training: **{100 * real_speckle[0]:.1f}%** (the {real_speckle[1]} "
+                f"reference images)" if real_speckle is not None else "")
+        notes.append(f"speckle: share of pixels above 0.25 (on [0, 1]) in the outer 3-pixel frame of the 32x32 "
+                     f"samples before the crop to 28x28, where training images hold only padding and their edge "
+                     f"row{real}. Caching errors show up as speckle too")
     if settings.clip:
         notes.append(f"CLIPScore: 100 * max(cos, 0) with the CLIP model at `{settings.clip}`")
     notes.append("PSNR/SSIM: against the `full` image of the same seed, prompt, sampler and step count "

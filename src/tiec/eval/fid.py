@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import gaussian_stats
-from .results import atomic_write, digest
+from .results import array_digest, atomic_write, digest
 
 INCEPTION_SIZE = 299
 CONVENTION = "uint8 -> gray to RGB -> TF1 bilinear 299x299 (float) -> x/128-1, NCHW float32"
@@ -178,9 +178,25 @@ class InceptionFeatures:
 
 # -- reference statistics ------------------------------------------------------------------------
 
-def _file_fingerprint(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, int(stat.st_mtime)]
+def files_digest(files: Sequence[Path]) -> str:
+    """A hash of the files' contents, in order: identifies reference images by what they hold, so an edited or
+    replaced file can never be served statistics cached for the old one (a path and date could).
+
+    Example:
+        >>> _ = Path("a.png").write_bytes(b"first")
+        >>> before = files_digest([Path("a.png")])
+        >>> _ = Path("a.png").write_bytes(b"edited")
+        >>> files_digest([Path("a.png")]) == before
+        False
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in files:
+        data = Path(path).read_bytes()
+        h.update(f"{len(data)}:".encode())
+        h.update(data)
+    return h.hexdigest()[:24]
 
 
 def cached_stats(key: dict, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
@@ -194,6 +210,9 @@ def cached_stats(key: dict, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
 
     Example:
         >>> mu, sigma = cached_stats({"data": "demo"}, lambda: gaussian_stats(np.eye(3)))
+        >>> mu, sigma = cached_stats({"data": "demo"}, lambda: 1 / 0)  # from the cache: compute is not called
+        >>> mu.shape, sigma.shape
+        ((3,), (3, 3))
     """
     folder = Path(cache_dir or os.environ.get("TIEC_CACHE_DIR") or Path.home() / ".cache" / "tiec")
     path = folder / f"fid-ref-{digest(key, 20)}.npz"
@@ -223,38 +242,64 @@ def fashion_mnist_subset(count: int | None, total: int, seed: int = 0) -> np.nda
     return np.sort(np.random.default_rng(seed).permutation(total)[:count])
 
 
+def fashion_mnist_source(data_dir: str | os.PathLike | None = None) -> str:
+    """Where the test split is read from, in words for the report: the given folder, Debian's package, or the
+    copy shipped with tiec (see ``tiec.demo.data.resolve_data_dir``).
+
+    Example:
+        >>> fashion_mnist_source("/data/fmnist")
+        'folder /data/fmnist'
+    """
+    from ..demo.data import DEFAULT_DATA_DIR, SHIPPED_TEST_DIR, resolve_data_dir
+
+    folder = resolve_data_dir("test", data_dir)
+    if data_dir is None and folder == SHIPPED_TEST_DIR:
+        return "the copy shipped with tiec"
+    if data_dir is None and folder == DEFAULT_DATA_DIR:
+        return f"Debian's dataset-fashion-mnist, {folder}"
+    return f"folder {folder}"
+
+
 def fashion_mnist_reference(extractor: FeatureExtractor, count: int | None = None, data_dir: str | None = None,
                             cache_dir: str | os.PathLike | None = None) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     """FID reference statistics of the Fashion-MNIST test set (or a fixed subset of ``count`` images).
 
+    The test split comes from ``data_dir`` when given (an error if it lacks the files), else from Debian's
+    package, else from the copy shipped with tiec. The cache key holds a digest of the decoded images (not
+    of the file's path or date), so the same images share one entry wherever they are read from, and other
+    images can never be served another set's statistics.
+
     Returns ((mu, sigma), a one-line description for the report).
 
     Example:
-        >>> (mu, sigma), what = fashion_mnist_reference(InceptionFeatures(), count=1000)
+        >>> (mu, sigma), what = fashion_mnist_reference(InceptionFeatures(), count=4)  # bench: --reference-size
+        >>> mu.shape, what  # doctest: +ELLIPSIS
+        ((2048,), ...Fashion-MNIST test set, fixed subset of 4 images; read from ...)
     """
-    from ..demo.data import DEFAULT_DATA_DIR, FILES, _find, load_fashion_mnist
+    from ..demo.data import load_fashion_mnist
 
-    folder = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
-    images_file = _find(folder, FILES["test"][0]) if folder.is_dir() else folder / FILES["test"][0]
-    fingerprint = _file_fingerprint(images_file) if images_file.exists() else str(images_file)
-    key = {"kind": "fashion-mnist-test", "network": extractor.name, "file": fingerprint, "count": count,
+    images, _ = load_fashion_mnist("test", data_dir)
+    key = {"kind": "fashion-mnist-test", "network": extractor.name, "images": array_digest(images), "count": count,
            "subset_seed": 0}
 
     def compute():
-        images, _ = load_fashion_mnist("test", data_dir)
         subset = images[fashion_mnist_subset(count, len(images))]
         return gaussian_stats(extractor(subset))
 
     stats = cached_stats(key, compute, cache_dir)
     what = "Fashion-MNIST test set" + (f", fixed subset of {count} images" if count is not None else " (all images)")
-    return stats, what
+    return stats, f"{what}; read from {fashion_mnist_source(data_dir)}"
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The image files under ``folder`` (recursively), sorted; ValueError if there are none.
 
     Example:
-        >>> files = image_files("coco/val2017")
+        >>> from PIL import Image
+        >>> for name in ("b.png", "a.jpg", "notes.txt"):
+        ...     Image.new("RGB", (32, 32)).save(name, format="PNG")
+        >>> image_files(".")
+        [PosixPath('a.jpg'), PosixPath('b.png')]
     """
     root = Path(folder)
     if not root.is_dir():
@@ -270,7 +315,10 @@ def load_images(files: Iterable[Path]) -> list[np.ndarray]:
     """RGB uint8 arrays ``(H, W, 3)`` of image files (sizes may differ).
 
     Example:
-        >>> images = load_images(image_files("reference/"))
+        >>> from PIL import Image
+        >>> Image.new("L", (28, 28)).save("a.png"); Image.new("RGB", (64, 48)).save("b.png")
+        >>> [image.shape for image in load_images([Path("a.png"), Path("b.png")])]
+        [(28, 28, 3), (48, 64, 3)]
     """
     from PIL import Image
 
@@ -286,12 +334,18 @@ def folder_reference(extractor: FeatureExtractor, folder: str | os.PathLike, cou
     """FID reference statistics of the images in a folder (the first ``count`` in sorted order, if given).
 
     Example:
-        >>> (mu, sigma), what = folder_reference(InceptionFeatures(), "coco/val2017")
+        >>> from PIL import Image
+        >>> Path("reference").mkdir()
+        >>> for i in range(3):
+        ...     Image.new("L", (28, 28), 100 * i).save(f"reference/{i}.png")
+        >>> (mu, sigma), what = folder_reference(InceptionFeatures(), "reference")
+        >>> mu.shape, what  # doctest: +ELLIPSIS
+        ((2048,), '3 images from .../reference')
     """
     files = image_files(folder)
     if count is not None:
         files = files[:count]
-    key = {"kind": "folder", "network": extractor.name, "files": [_file_fingerprint(p) for p in files]}
+    key = {"kind": "folder", "network": extractor.name, "count": len(files), "files": files_digest(files)}
 
     def compute():
         features = []

@@ -41,6 +41,10 @@ def speedup(rows: Sequence[dict], row: dict) -> float | None:
     return full["s_per_image"] / row["s_per_image"]
 
 
+def _percent(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
 def _key_steps_text(row: dict) -> str:
     keys = row.get("key_steps") or []
     if row["method"] == "full" or len(keys) == row["num_steps"]:
@@ -52,15 +56,26 @@ def _key_steps_text(row: dict) -> str:
 def results_table(rows: Sequence[dict]) -> str:
     """The comparison table in markdown, in the seed's layout (one line per row).
 
+    Optional columns (adherence, CLIPScore, speckle) appear when any row has them; a row without the value
+    (e.g. written by an older tiec, before ``speckle`` existed) shows "–".
+
     Example:
+        >>> rows = [dict(method="full", sampler="ddim", num_steps=20, fid=50.0, s_per_image=0.2),
+        ...         dict(method="reuse", sampler="ddim", num_steps=20, fid=60.0, s_per_image=0.1,
+        ...              key_steps=[0, 5, 10, 15], key_step_spec="uniform:4")]
         >>> print(results_table(rows))
-        | method | sampler, steps | key steps | FID | ...
+        | method | sampler, steps | key steps | FID | PSNR | SSIM | s/img | speed-up | GFLOPs/img | encoders / decoders |
+        |---|---|---|---|---|---|---|---|---|---|
+        | full | DDIM 20 | all | 50.00 | – | – | 0.2000 | 1.00x | – | – / – |
+        | reuse | DDIM 20 | 4 (uniform:4) | 60.00 | – | – | 0.1000 | 2.00x | – | – / – |
     """
     show_adherence = any(r.get("adherence") is not None for r in rows)
     show_clip = any(r.get("clip_score") is not None for r in rows)
+    show_speckle = any(r.get("speckle") is not None for r in rows)
     head = ["method", "sampler, steps", "key steps", "FID"]
     head += ["adherence"] if show_adherence else []
     head += ["CLIPScore"] if show_clip else []
+    head += ["speckle"] if show_speckle else []
     head += ["PSNR", "SSIM", "s/img", "speed-up", "GFLOPs/img", "encoders / decoders"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -68,6 +83,7 @@ def results_table(rows: Sequence[dict]) -> str:
         cells = [r["method"], f"{r['sampler'].upper()} {r['num_steps']}", _key_steps_text(r), _num(r.get("fid"))]
         cells += [_num(r.get("adherence"), 3)] if show_adherence else []
         cells += [_num(r.get("clip_score"))] if show_clip else []
+        cells += [_percent(r.get("speckle"))] if show_speckle else []
         enc, dec = r.get("encoder_runs"), r.get("decoder_runs")
         cells += [_num(r.get("psnr")), _num(r.get("ssim"), 4), _num(r.get("s_per_image"), 4),
                   f"{up:.2f}x" if up is not None else "–", _num(r.get("gflops_per_image"), 3),
@@ -87,8 +103,11 @@ def gap_recovery(rows: Sequence[dict]) -> list[dict[str, Any]]:
     estimator is worse than reuse). ``extra_s`` is the estimator's extra seconds per image over reuse.
 
     Example:
-        >>> gap_recovery(rows)[0]["recovered"]
-        0.31
+        >>> rows = [dict(method=method, sampler="ddim", num_steps=20, schedule=schedule, fid=fid)
+        ...         for method, schedule, fid in [("full", "ddim20", 50.0), ("reuse", "ddim20:uniform:5", 60.0),
+        ...                                       ("extrapolate", "ddim20:uniform:5", 57.0)]]
+        >>> gap_recovery(rows)[0]["recovered"]  # (60 - 57) / (60 - 50)
+        0.3
     """
     out = []
     for est in rows:
@@ -146,7 +165,13 @@ def write_grid(path: str | os.PathLike, rows: Sequence[dict], out_dir: str | os.
     """``grid.png``: one line per result row (method and schedule), one column per seed, labelled.
 
     Example:
-        >>> write_grid("runs/bench/grid.png", rows, "runs/bench", prompts)
+        >>> from tiec.eval.results import save_images
+        >>> rows = [dict(method="full", schedule="ddim20"), dict(method="reuse", schedule="ddim20:uniform:5")]
+        >>> for r in rows:
+        ...     save_images(images_path("runs/bench", r["schedule"], r["method"]), np.zeros((2, 28, 28, 1), np.uint8))
+        >>> write_grid("runs/bench/grid.png", rows, "runs/bench", ["sneaker", "bag"])
+        >>> Path("runs/bench/grid.png").is_file()
+        True
     """
     strips = []
     for r in rows:
@@ -234,7 +259,11 @@ def write_pareto(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     method, moved where labels would overlap, with a line to its point), the Pareto front drawn.
 
     Example:
-        >>> write_pareto("runs/bench/pareto.png", rows)
+        >>> rows = [dict(method="full", schedule="ddim20", fid=50.0, s_per_image=0.2),
+        ...         dict(method="reuse", schedule="ddim20:uniform:5", fid=60.0, s_per_image=0.1)]
+        >>> write_pareto("pareto.png", rows)
+        >>> Path("pareto.png").is_file()
+        True
     """
     usable = [r for r in rows if r.get("fid") is not None and r.get("s_per_image") is not None]
     fig = _figure(8, 5.5)
@@ -278,8 +307,13 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequ
     """Write ``report.md``, ``grid.png`` and ``pareto.png`` into ``out_dir``; returns the report's path.
 
     Example:
-        >>> write_report("runs/bench", rows, prompts)
+        >>> from tiec.eval.results import save_images
+        >>> save_images("runs/bench/images/ddim20/full.npy", np.zeros((1, 28, 28, 1), np.uint8))
+        >>> rows = [dict(method="full", sampler="ddim", num_steps=20, schedule="ddim20", fid=50.0, s_per_image=0.2)]
+        >>> write_report("runs/bench", rows, ["sneaker"])
         PosixPath('runs/bench/report.md')
+        >>> sorted(p.name for p in Path("runs/bench").glob("*.png"))
+        ['grid.png', 'pareto.png']
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

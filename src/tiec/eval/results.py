@@ -23,7 +23,11 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every well-formed row of a results file, in file order ([] if the file does not exist).
 
     Example:
-        >>> rows = read_rows("runs/bench/results.jsonl")
+        >>> read_rows("runs/bench/results.jsonl")  # no such file yet
+        []
+        >>> append_row("runs/bench/results.jsonl", {"method": "full", "fid": 12.3})
+        >>> read_rows("runs/bench/results.jsonl")
+        [{'method': 'full', 'fid': 12.3}]
     """
     path = Path(path)
     if not path.exists():
@@ -56,6 +60,9 @@ def append_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
 
     Example:
         >>> append_row("runs/bench/results.jsonl", {"method": "full", "fid": 12.3})
+        >>> append_row("runs/bench/results.jsonl", {"method": "reuse", "fid": 15.0})
+        >>> [row["method"] for row in read_rows("runs/bench/results.jsonl")]
+        ['full', 'reuse']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +100,19 @@ def digest(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+def array_digest(array: np.ndarray, length: int = 24) -> str:
+    """A hash of an array's contents, dtype and shape: identifies data by what it holds, not where it lives.
+
+    Example:
+        >>> array_digest(np.zeros((2, 3), np.uint8)) == array_digest(np.zeros((3, 2), np.uint8))
+        False
+    """
+    array = np.ascontiguousarray(array)
+    h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()[:length]
+
+
 def safe_name(text: str) -> str:
     """A file-name-safe form of a method or schedule label (``ddim20:uniform:5`` -> ``ddim20-uniform-5``).
 
@@ -115,7 +135,9 @@ def save_images(path: str | os.PathLike, images: np.ndarray, run_key: str | None
     settings in the same folder are never mistaken for this run's.
 
     Example:
-        >>> save_images("runs/bench/images/ddim20/full.npy", images, run_key="4f53cda1")
+        >>> save_images("runs/bench/images/ddim20/full.npy", np.zeros((2, 28, 28, 1), np.uint8), run_key="4f53cda1")
+        >>> sorted(p.name for p in Path("runs/bench/images/ddim20").iterdir())
+        ['full.json', 'full.npy']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +160,11 @@ def load_images(path: str | os.PathLike, run_key: str | None = None) -> np.ndarr
     """The saved images, or None if missing, unreadable, or (with ``run_key``) written by another run.
 
     Example:
-        >>> full = load_images("runs/bench/images/ddim20/full.npy", run_key="4f53cda1")
+        >>> save_images("runs/bench/images/ddim20/full.npy", np.zeros((2, 28, 28, 1), np.uint8), run_key="4f53cda1")
+        >>> load_images("runs/bench/images/ddim20/full.npy", run_key="4f53cda1").shape
+        (2, 28, 28, 1)
+        >>> print(load_images("runs/bench/images/ddim20/full.npy", run_key="another run"))
+        None
     """
     path = Path(path)
     if run_key is not None:
