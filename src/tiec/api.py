@@ -54,8 +54,8 @@ class Handle:
 
     Example:
         >>> with tiec.apply(pipe, tiec.EncoderPropagationConfig()) as handle:
-        ...     image = pipe("a cat").images[0]
-        >>> handle.stats["encoder_runs"]
+        ...     image = pipe("a photo of a bag", num_inference_steps=50).images[0]
+        >>> handle.stats["encoder_runs"]  # FasterDiffusion's 9 key steps of 50
         9
     """
 
@@ -85,7 +85,14 @@ class Handle:
 
         Example:
             >>> handle = tiec.apply(unet, tiec.EncoderPropagationConfig(key_steps="every:2"))
-            >>> handle.start_run(len(scheduler.timesteps))
+            >>> handle.start_run(len(scheduler.timesteps))  # 10 steps
+            >>> sample, text = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32)
+            >>> with torch.no_grad():
+            ...     for t in scheduler.timesteps:
+            ...         sample = scheduler.step(unet(sample, t, text).sample, t, sample).prev_sample
+            >>> handle.stats["encoder_runs"]
+            5
+            >>> handle.remove()
         """
         for part in self.parts:
             if part.active:
@@ -140,9 +147,13 @@ def apply(target: Any, *configs: Any) -> Handle:
     patched method outright makes the next pipeline call raise ``RuntimeError``.
 
     Example:
-        >>> handle = tiec.apply(pipe, tiec.EncoderPropagationConfig(estimator="extrapolate"))
-        >>> images = pipe(prompt, num_inference_steps=50).images
+        >>> handle = tiec.apply(pipe, tiec.EncoderPropagationConfig(key_steps="uniform:5", estimator="extrapolate"))
+        >>> images = pipe(["sneaker", "bag"], num_inference_steps=20).images
+        >>> handle.stats["encoder_runs"], len(images)
+        (5, 2)
         >>> handle.remove()
+        >>> handle.active
+        False
     """
     registry = _registry()
     if not configs:

@@ -109,7 +109,11 @@ def ddim_jump(sample: torch.Tensor, model_output: torch.Tensor, alpha_prod_t: fl
     """One deterministic DDIM step (Song et al., 2021) from a variance-preserving ``x_t`` to ``x_next``.
 
     Example:
+        >>> x0, eps = torch.ones(3), torch.randn(3)
+        >>> x_t = 0.5 ** 0.5 * x0 + 0.5 ** 0.5 * eps  # alpha_prod_t = 0.5
         >>> x_next = ddim_jump(x_t, eps, 0.5, 0.8)
+        >>> torch.allclose(x_next, 0.8 ** 0.5 * x0 + 0.2 ** 0.5 * eps)  # the same x0 and noise at alpha_prod 0.8
+        True
     """
     a_t, a_n = torch.tensor(alpha_prod_t, dtype=torch.float64), torch.tensor(alpha_prod_next, dtype=torch.float64)
     sqrt_a, sqrt_1ma = a_t.sqrt().item(), (1 - a_t).sqrt().item()

@@ -104,6 +104,8 @@ class FashionPipeline(DiffusionPipeline):
     Example:
         >>> pipe = tiec.demo.load_pipeline()
         >>> image = pipe("sneaker", num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images[0]
+        >>> image.size, image.mode
+        ((28, 28), 'L')
     """
 
     model_cpu_offload_seq = "embedder->unet"
@@ -210,6 +212,8 @@ def load_pipeline(device: str | torch.device | None = None, dtype: torch.dtype |
     Example:
         >>> pipe = load_pipeline()
         >>> pipe("a photo of a bag", num_inference_steps=20).images[0].save("bag.png")
+        >>> Image.open("bag.png").size
+        (28, 28)
     """
     from safetensors.torch import load_file
 
@@ -310,8 +314,12 @@ def classify(images, batch_size: int = 512) -> np.ndarray:
     """Predicted class indices (into CLASSES) of generated or real Fashion-MNIST images.
 
     Example:
-        >>> out = pipe(["sneaker", "bag"], output_type="np")
-        >>> classify(out.images)  # array([7, 8])
+        >>> out = pipe(["sneaker", "bag"], num_inference_steps=20, generator=torch.Generator().manual_seed(3),
+        ...            output_type="np")
+        >>> classify(out.images)
+        array([7, 8])
+        >>> [CLASSES[i] for i in classify(out.images)]
+        ['sneaker', 'bag']
     """
     model = load_classifier()
     x = images_to_tensor(images)

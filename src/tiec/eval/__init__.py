@@ -1,8 +1,8 @@
 """Evaluation harness: ``tiec bench`` and the metrics it reports (FID, adherence, CLIPScore, PSNR, SSIM, cost).
 
-Example:
+Example (a quick run: 4 methods x 40 images, with FID, takes minutes on a CPU; see ``run_bench`` for a tiny one):
     >>> from tiec.eval import BenchSettings, run_bench
-    >>> rows = run_bench(BenchSettings.create(quick=True, model="demo-random", out="runs/quick"))
+    >>> rows = run_bench(BenchSettings.create(quick=True, model="demo-random", out="runs/quick"))  # doctest: +SKIP
 """
 
 from .bench import BenchSettings, run_bench

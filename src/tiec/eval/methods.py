@@ -209,6 +209,8 @@ def make_scheduler(sampler: str, base_config: Any):
 
     Example:
         >>> pipe.scheduler = make_scheduler("dpm", pipe.scheduler.config)
+        >>> type(pipe.scheduler).__name__, pipe.scheduler.config.timestep_spacing  # the demo's "trailing" kept
+        ('DPMSolverMultistepScheduler', 'trailing')
     """
     import diffusers
 

@@ -15,6 +15,7 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     ``captions_val2017.json``); its captions are taken in file order.
 
     Example:
+        >>> _ = Path("prompts.txt").write_text("a photo of a cat\\n\\na red bus\\n")
         >>> load_prompts("prompts.txt")
         ['a photo of a cat', 'a red bus']
     """
