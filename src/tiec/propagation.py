@@ -8,7 +8,6 @@ step run as one batched call, and the pipeline then consumes their outputs one s
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import math
@@ -21,6 +20,7 @@ from . import estimators, schedules
 from ._part import Part
 from ._timeline import Timeline, timestep_value
 from ._tree import tile_batch, tree_clone, tree_map
+from .noise import PriorNoiseInjection
 from .split import EncoderSplit, Features
 
 logger = logging.getLogger("tiec")
@@ -158,7 +158,6 @@ class _Run:
         estimates = config.estimator != "reuse"
         # key steps kept per slot: reuse reads the last one (adaptive compares two), the line two, the parabola three
         self.keep = (3 if config.extrapolation_order == 2 else 2) if estimates else (2 if self.adaptive else 1)
-        self.z_T: torch.Tensor | None = None
 
     def locate(self, caller: str, timestep: Any) -> tuple[int, _Slot] | None:
         """The step and cache slot of a UNet or ControlNet call; None for a call outside this loop."""
@@ -223,7 +222,8 @@ class EncoderPropagation(Part):
         super().install()
         self._run: _Run | None = None
         self._pending = False
-        self._noise_patch = None
+        self._noise = PriorNoiseInjection(self.config.noise_injection, self.config.noise_injection_tau, owner=self,
+                                          position=self._loop_position) if self.config.noise_injection > 0 else None
         self._warned: set[str] = set()
         self._signature = inspect.signature(self.unet.forward)
         self.split = EncoderSplit(self, self.unet)
@@ -265,16 +265,19 @@ class EncoderPropagation(Part):
         super().begin_call(pipe, call_kwargs)
         self._pending = True
         self._denoising_end = (call_kwargs or {}).get("denoising_end")
-        if self.config.noise_injection > 0:
-            self._step_signature = inspect.signature(pipe.scheduler.step)
-            self._noise_patch = self.patch(pipe.scheduler, "step", self._scheduler_step)
+        if self._noise is not None:
+            self._patches.append(self._noise.begin_call(pipe))
 
     def end_call(self, pipe: Any) -> None:
-        if self._noise_patch is not None:
-            self._noise_patch.remove()
-            self._patches.remove(self._noise_patch)
-            self._noise_patch = None
+        if self._noise is not None and self._noise.patch is not None:
+            self._patches.remove(self._noise.patch)
+            self._noise.end_call()
         super().end_call(pipe)
+
+    def _loop_position(self) -> tuple[int, int, Timeline] | None:
+        """(the step after the current one, the loop length, its timeline) for noise injection; None outside."""
+        run = self._run
+        return None if run is None or run.timeline is None else (run.step + 1, run.num_steps, run.timeline)
 
     def start_run(self, num_steps: int) -> None:
         """Begin a sampling loop of ``num_steps`` UNet calls (only needed for a bare UNet)."""
@@ -542,31 +545,6 @@ class EncoderPropagation(Part):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
         return UNet2DConditionOutput(sample=sample)
 
-    # -- prior noise injection ------------------------------------------------------------------
-    def _scheduler_step(self, inner, *args, **kwargs):
-        """``scheduler.step``, then ``w * z_T`` added to its output from the first step with ``t < tau`` on.
-
-        ``z_T`` is the loop's first latent in variance-preserving form (unit variance for text-to-image), and the
-        injection is carried into the scheduler's own latent space, so that sigma-scaled schedulers (Euler, Heun,
-        ...) inject as much as DDIM does.
-        """
-        run = self._run
-        if run is None or run.timeline is None:
-            return inner(*args, **kwargs)
-        bound = self._step_signature.bind(*args, **kwargs).arguments
-        scheduler = self.pipe.scheduler
-        if run.z_T is None:
-            sample = bound["sample"]
-            run.z_T = sample * _input_scale(scheduler, sample, bound["timestep"])
-        out = inner(*args, **kwargs)
-        nxt = run.step + 1
-        if nxt < run.num_steps and run.timesteps[nxt] < self.config.noise_injection_tau:
-            prev = out[0] if isinstance(out, tuple) else out.prev_sample
-            t_next = scheduler.timesteps[run.timeline.start + nxt]
-            added = prev + (self.config.noise_injection * run.z_T / _input_scale(scheduler, prev, t_next)).to(prev.dtype)
-            out = (added,) + tuple(out[1:]) if isinstance(out, tuple) else dataclasses.replace(out, prev_sample=added)
-        return out
-
 
 # Call arguments a queued decode does not depend on, or that are checked otherwise (the ControlNet's scale).
 _UNCHECKED = frozenset({"sample", "timestep", "return_dict", "down_block_additional_residuals",
@@ -603,12 +581,6 @@ def _same_inputs(refs: list[tuple[torch.Tensor, int]], call: dict) -> bool:
 def _fresh(call: dict) -> dict:
     """The call with its containers rebuilt: the UNet pops adapter residuals from the lists it is given."""
     return tree_map(lambda t: t, call)
-
-
-def _input_scale(scheduler: Any, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
-    """The factor ``scheduler.scale_model_input`` applies at ``timestep``: 1 for DDIM, 1/sqrt(sigma^2+1) for Euler."""
-    one = torch.ones((1,) * sample.ndim, device=sample.device, dtype=torch.float32)
-    return scheduler.scale_model_input(one, timestep)
 
 
 def _guidance_scale(pipe: Any) -> float | None:
