@@ -565,17 +565,24 @@ def _input_refs(call: dict) -> list[tuple[torch.Tensor, int]]:
 
 
 def _same_inputs(refs: list[tuple[torch.Tensor, int]], call: dict) -> bool:
-    """Whether a call's conditioning is what :func:`_input_refs` recorded, unchanged (no device sync).
+    """Whether a call's conditioning is what :func:`_input_refs` recorded, unchanged.
 
-    The same memory (address, shape, strides, dtype) and no write since: per-step views of one tensor (a
-    pipeline that splits its guidance batch) match. The recorded tensors are held, so no new tensor can be
-    allocated at their address in the meantime.
+    The same tensor or the same memory (address, shape, strides, dtype: per-step views of one tensor, as a
+    pipeline that splits its guidance batch makes) with no write since needs no device sync. A copy (accelerate's
+    offload hooks copy inputs on a CPU) is compared by value: one sync. The recorded tensors are held, so no new
+    tensor can be allocated at their address in the meantime.
     """
     tensors = _call_tensors(call)
-    return len(tensors) == len(refs) and all(
-        t is old or (t.data_ptr() == old.data_ptr() and t.shape == old.shape and t.stride() == old.stride()
-                     and t.dtype == old.dtype and t.device == old.device)
-        for (old, _), t in zip(refs, tensors)) and all(t._version == v for (_, v), t in zip(refs, tensors))
+    if len(tensors) != len(refs):
+        return False
+    for (old, version), t in zip(refs, tensors):
+        if old._version != version or t.shape != old.shape or t.dtype != old.dtype or t.device != old.device:
+            return False
+        if t is old or (t.data_ptr() == old.data_ptr() and t.stride() == old.stride()):
+            continue
+        if not torch.equal(t, old):
+            return False
+    return True
 
 
 def _fresh(call: dict) -> dict:
