@@ -8,7 +8,8 @@ and with tiec (`reuse`, serial decoders, key steps every 3rd step):
 - `blocks`: every down, mid and up block compiled on its own (tiec's split patches are traced, one graph per
   mode of the split).
 Graphs are counted with a counting backend over two pipeline calls (the second must add none: no recompilation
-per step or per call); the inductor rows time `--calls` warm calls after one compiling call, in one run.
+per step or per call); the inductor rows time `--calls` warm calls after one compiling call, plain and tiec
+alternating in one run.
 
     python benchmarks/compile_check.py --steps 20 --images 8 --threads 1
 """
@@ -78,28 +79,33 @@ def graph_counts(how: str, with_tiec: bool, steps: int, images: int) -> tuple[in
     return first, len(graphs) - first, breaks
 
 
-def inductor_times(how: str, with_tiec: bool, steps: int, images: int, calls: int) -> tuple[float, float]:
-    """(seconds of the first, compiling call; median seconds of the warm calls) with the inductor backend."""
+def inductor_times(how: str, steps: int, images: int, calls: int) -> dict[str, tuple[float, float]]:
+    """{"plain"|"tiec": (seconds of the first, compiling call; median seconds of the warm calls)} with inductor.
+
+    The plain and the tiec pipeline are compiled side by side and their warm calls alternate, so that the ratio
+    of the two is measured under the same machine load.
+    """
     import torch._dynamo as dynamo
 
     import tiec
 
     dynamo.reset()
-    pipe = build_pipe()
-    handle = tiec.apply(pipe, tiec.EncoderPropagationConfig(key_steps="every:3", parallel=False)) if with_tiec else None
-    if how != "eager":
-        compile_unet(pipe.unet, how, "inductor")
-    start = time.perf_counter()
-    sample(pipe, steps, images)
-    first = time.perf_counter() - start
-    warm = []
-    for _ in range(calls):
+    pipes = {"plain": build_pipe(), "tiec": build_pipe()}
+    handle = tiec.apply(pipes["tiec"], tiec.EncoderPropagationConfig(key_steps="every:3", parallel=False))
+    first, warm = {}, {name: [] for name in pipes}
+    for name, pipe in pipes.items():
+        if how != "eager":
+            compile_unet(pipe.unet, how, "inductor")
         start = time.perf_counter()
         sample(pipe, steps, images)
-        warm.append(time.perf_counter() - start)
-    if handle is not None:
-        handle.remove()
-    return first, statistics.median(warm)
+        first[name] = time.perf_counter() - start
+    for _ in range(calls):
+        for name, pipe in pipes.items():
+            start = time.perf_counter()
+            sample(pipe, steps, images)
+            warm[name].append(time.perf_counter() - start)
+    handle.remove()
+    return {name: (first[name], statistics.median(warm[name])) for name in pipes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,15 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{how:<10} {'yes' if with_tiec else 'no':<5} {first:>7} {added:>16} {breaks:>13}", flush=True)
     if args.no_inductor:
         return 0
-    print(f"\ninductor: first (compiling) call and median of {args.calls} warm calls, seconds")
-    print(f"{'compile':<10} {'tiec':<5} {'first call':>11} {'warm call':>10} {'vs plain eager':>15}")
-    eager = None
+    print(f"\ninductor: first (compiling) call and median of {args.calls} warm calls, seconds (plain and tiec "
+          f"calls alternate)")
+    print(f"{'compile':<10} {'plain first':>12} {'plain warm':>11} {'tiec first':>11} {'tiec warm':>10} "
+          f"{'tiec / plain':>13}")
     for how in ("eager", "repeated", "blocks"):
-        for with_tiec in (False, True):
-            first, warm = inductor_times(how, with_tiec, args.steps, args.images, args.calls)
-            eager = eager or warm
-            print(f"{how:<10} {'yes' if with_tiec else 'no':<5} {first:>11.2f} {warm:>10.3f} {eager / warm:>14.2f}x",
-                  flush=True)
+        times = inductor_times(how, args.steps, args.images, args.calls)
+        (pf, pw), (tf, tw) = times["plain"], times["tiec"]
+        print(f"{how:<10} {pf:>12.2f} {pw:>11.3f} {tf:>11.2f} {tw:>10.3f} {tw / pw:>12.3f}x", flush=True)
     return 0
 
 
