@@ -378,3 +378,16 @@ def test_cli_bench_parses_and_reports_bad_values(capsys):
     assert args.quick and args.num_images == 8 and args.func.__name__ == "_bench"
     assert main(["bench", "--methods", "full,warp", "--out", "/nonexistent/x"]) == 2
     assert "warp" in capsys.readouterr().err
+
+
+def test_schedules_with_model_chosen_key_steps_parse():
+    from tiec.eval import methods as M
+
+    for text in ("ddim20:auto:5", "ddim50:adaptive:0.1"):
+        schedule = M.parse_schedule(text)
+        method = next(m for m in M.parse_methods("full,extrapolate") if m.name == "extrapolate")
+        assert M.key_steps_of(method, schedule) is None
+    full = next(m for m in M.parse_methods("full,extrapolate") if m.name == "full")
+    assert M.key_steps_of(full, M.parse_schedule("ddim20:auto:5")) == list(range(20))
+    with pytest.raises(ValueError, match="auto:30"):
+        M.parse_schedule("ddim20:auto:30")

@@ -414,3 +414,13 @@ def test_pag_look_ahead_is_counted_as_unguided():
     with torch.no_grad(), tiec.apply(pipe, FD(key_steps=[0, 4], estimator="interpolate")) as handle:
         pipe(**pipe_inputs("sd", steps=8, pag_scale=2.0))
     assert handle.stats["lookahead_runs"] == handle.stats["lookahead_unguided"] == 1
+
+
+def test_batched_decoders_under_inference_mode(sd):
+    """Inference-mode tensors keep no version counter: the queue's conditioning check must not need one."""
+    outs = {}
+    for parallel in (False, True):
+        with torch.inference_mode(), tiec.apply(sd, FD(key_steps=[0, 4], parallel=parallel)) as handle:
+            outs[parallel] = sd(**pipe_inputs("sd", steps=8)).images
+        assert handle.stats["regrouped_steps"] == 0 and handle.stats["decoder_runs"] == 8
+    assert np.abs(outs[True] - outs[False]).max() < 1e-4

@@ -1,4 +1,4 @@
-"""The ``tiec`` command line: ``flops``, ``generate``, ``train-demo``, ``bench``, ``analyze``.
+"""The ``tiec`` command line: ``flops``, ``generate``, ``train-demo``, ``bench``, ``analyze``, ``calibrate``.
 
 Every user error (a bad value, a missing file, an unusable device or output path) ends in one line on stderr
 and exit status 2, found before anything expensive is loaded or computed; Ctrl-C ends in one line (with the
@@ -17,8 +17,9 @@ from pathlib import Path
 
 MIN_VIEW_SIZE = 128  # generate enlarges smaller images (the 28x28 demo) to at least this many pixels a side
 GRID_COLUMNS = 8
-KEY_STEPS_HELP = ("key steps (steps where the encoder runs): faster-diffusion, uniform:K, every:N, all, or a list "
-                  "of step indices starting at 0 written 0,5,10 (or 0/5/10)")
+KEY_STEPS_HELP = ("key steps (steps where the encoder runs): faster-diffusion, uniform:K, every:N, all, auto:K "
+                  "(calibrated: see tiec calibrate), or a list of step indices starting at 0 written 0,5,10 "
+                  "(or 0/5/10)")
 _STEP_LIST = re.compile(r"\d+(?:[,/]\d+)*")
 
 
@@ -241,7 +242,7 @@ def _generate(args: argparse.Namespace) -> int:
                                           parallel=not args.serial, noise_injection=args.noise_injection)
     if args.model == "demo":
         if config is not None:  # the demo's DDIM loop has exactly --steps steps: bad key steps fail before loading
-            schedules.resolve(config.key_steps, args.steps)
+            schedules.check(config.key_steps, args.steps)
         from .demo import load_pipeline, parse_prompt
 
         parse_prompt(args.prompt)  # unknown prompts fail before the model loads
@@ -366,6 +367,57 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import schedules
+    from .calibrate import calibration_for
+
+    _check_positive(args, "steps", "keys", "num_samples", "threads", "max_pair_steps")
+    if args.keys > args.steps:
+        raise ValueError(f"--keys {args.keys}: at most --steps {args.steps} key steps")
+    device = check_device(args.device)
+    demo = args.model == "demo"
+    if not demo:
+        check_model_folder(args.model, "'demo' or a local diffusers pipeline folder")
+    prompts = analysis_prompts(args.prompts, demo)  # bad prompts fail before the model loads
+    if args.cache_dir is not None:
+        check_out_folder(args.cache_dir, "--cache-dir")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if demo:
+        from .demo import load_pipeline
+
+        pipe = load_pipeline(device=device)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe.set_progress_bar_config(disable=True)
+    if args.sampler is not None:
+        from .eval.methods import make_scheduler
+
+        pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
+    calibration = calibration_for(pipe, args.steps, args.estimator, prompts, args.num_samples,
+                                  guidance_scale=args.guidance, cache_dir=args.cache_dir, recompute=args.recompute,
+                                  max_pair_steps=args.max_pair_steps, progress=not args.no_progress)
+    if args.keys > calibration.num_steps:
+        raise ValueError(f"--keys {args.keys}: this loop has {calibration.num_steps} steps")
+    keys = calibration.solve(args.keys, args.estimator)
+    objective = calibration.objective(args.estimator)
+    n = calibration.num_steps
+    print(f"key steps ({args.keys} of {n}, {type(pipe.scheduler).__name__}, {objective} objective): "
+          f"{','.join(str(k) for k in keys)}")
+    rivals = [f"uniform:{args.keys}"] + (["faster-diffusion"] if len(schedules.resolve("faster-diffusion", n))
+                                         == args.keys else [])
+    costs = [f"auto:{args.keys} {calibration.cost(keys, args.estimator):.4g}"]
+    costs += [f"{spec} {calibration.cost(schedules.resolve(spec, n), args.estimator):.4g}" for spec in rivals]
+    print(f"objective (weighted squared error of the non-key steps, lower is better): {'; '.join(costs)}")
+    print(f"stored in {calibration.path}; key_steps='auto:{args.keys}' uses it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiec", description="Training-free acceleration of diffusion sampling: "
                                      "encoder propagation (FasterDiffusion) and TIEC feature estimation.")
@@ -461,6 +513,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("calibrate", help="choose K key steps for this model, scheduler and step count by "
+                       "calibration (what key_steps='auto:K' uses); stores the measured error tables")
+    p.add_argument("--model", default="demo", help="'demo' or a local diffusers pipeline folder")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--keys", type=int, default=9, help="number of key steps K (step 0 included)")
+    p.add_argument("--estimator", choices=("reuse", "extrapolate", "interpolate"), default="reuse",
+                   help="the estimator whose error is minimised (interpolate: the reuse objective)")
+    p.add_argument("--sampler", choices=("ddim", "dpm"), default=None, help="scheduler (default: the pipeline's "
+                   "own; dpm: DPM-Solver++ from its config, as tiec bench builds it)")
+    p.add_argument("--num-samples", type=int, default=8, help="calibration samples (seeds 1000000 + i)")
+    p.add_argument("--prompts", default=None, help="comma-separated prompts (p1,p2) or a file; default for the "
+                   "demo: one prompt per class")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--max-pair-steps", type=int, default=None, help="measure the extrapolate table (C(n,3) "
+                   "decodes per sample) up to this many steps (default: 30 on a CPU, no bound on a GPU)")
+    p.add_argument("--cache-dir", default=None, help="where calibrations are stored (default "
+                   "$TIEC_CACHE_DIR/calibration or ~/.cache/tiec/calibration)")
+    p.add_argument("--recompute", action="store_true", help="measure again even if a stored calibration matches")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_calibrate)
     return parser
 
 

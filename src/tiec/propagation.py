@@ -559,12 +559,17 @@ def _call_tensors(call: dict) -> list[torch.Tensor]:
     return found
 
 
-def _input_refs(call: dict) -> list[tuple[torch.Tensor, int]]:
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's write counter; None for inference-mode tensors, which keep none (writes go unseen there)."""
+    return None if t.is_inference() else t._version
+
+
+def _input_refs(call: dict) -> list[tuple[torch.Tensor, int | None]]:
     """What the conditioning of a decode was: each input tensor and its version (held until the group ends)."""
-    return [(t, t._version) for t in _call_tensors(call)]
+    return [(t, _version(t)) for t in _call_tensors(call)]
 
 
-def _same_inputs(refs: list[tuple[torch.Tensor, int]], call: dict) -> bool:
+def _same_inputs(refs: list[tuple[torch.Tensor, int | None]], call: dict) -> bool:
     """Whether a call's conditioning is what :func:`_input_refs` recorded, unchanged.
 
     The same tensor or the same memory (address, shape, strides, dtype: per-step views of one tensor, as a
@@ -576,7 +581,7 @@ def _same_inputs(refs: list[tuple[torch.Tensor, int]], call: dict) -> bool:
     if len(tensors) != len(refs):
         return False
     for (old, version), t in zip(refs, tensors):
-        if old._version != version or t.shape != old.shape or t.dtype != old.dtype or t.device != old.device:
+        if _version(old) != version or t.shape != old.shape or t.dtype != old.dtype or t.device != old.device:
             return False
         if t is old or (t.data_ptr() == old.data_ptr() and t.stride() == old.stride()):
             continue

@@ -12,19 +12,23 @@ iterates. Step 0 is always a key step. Specs:
 - ``"uniform:K"``: K key steps spread evenly, step ``floor(i * n / K)`` for ``i < K`` (``K <= n``);
 - ``"every:N"``: every N-th step, ``0, N, 2N, ...``;
 - ``"adaptive:T"``: steps 0 and 1, then each next key step chosen at run time, at the key step, from how fast
-  the encoder features changed between the last two key steps (see :func:`next_adaptive_key`).
+  the encoder features changed between the last two key steps (see :func:`next_adaptive_key`);
+- ``"auto:K"``: the K key steps that minimise a calibration objective for this model, scheduler and step count
+  (``tiec.calibrate``: the error of each non-key step's prediction against the full UNet, weighted by how much
+  it moves the final sample, minimised exactly). Resolving it needs the pipeline; the calibration is stored on
+  disk, made on first use for the demo model, and made by :func:`calibrate` (or ``tiec calibrate``) for others.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 KeyStepSpec = Union[str, Sequence[int]]
 
 FASTER_DIFFUSION_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 SPEC_HELP = ("a list of step indices starting at 0, 'all', 'faster-diffusion', 'uniform:K' (K >= 1), "
-             "'every:N' (N >= 1) or 'adaptive:T' (T > 0)")
+             "'every:N' (N >= 1), 'adaptive:T' (T > 0) or 'auto:K' (K >= 1, calibrated)")
 
 
 def _parse_count(spec: str, prefix: str) -> int:
@@ -48,7 +52,7 @@ def validate(spec: KeyStepSpec) -> KeyStepSpec:
     if isinstance(spec, str):
         if spec in ("all", "faster-diffusion"):
             return spec
-        for prefix in ("uniform:", "every:"):
+        for prefix in ("uniform:", "every:", "auto:"):
             if spec.startswith(prefix):
                 _parse_count(spec, prefix)
                 return spec
@@ -117,8 +121,35 @@ def next_adaptive_key(key: int, previous: int, change: float, threshold: float, 
     return step if step < num_steps else None
 
 
-def resolve(spec: KeyStepSpec, num_steps: int) -> tuple[int, ...]:
+def _auto_count(spec: str, num_steps: int) -> int:
+    count = _parse_count(spec, "auto:")
+    if count > num_steps:
+        raise ValueError(f"key_steps={spec!r} asks for {count} key steps in a loop of {num_steps} steps; "
+                         f"use at most auto:{num_steps}")
+    return count
+
+
+def check(spec: KeyStepSpec, num_steps: int) -> None:
+    """Raise ``ValueError`` where ``spec`` cannot describe a loop of ``num_steps`` steps, without reading a model
+    (``"auto:K"``: only ``K <= num_steps``; its key steps need the pipeline, see :func:`resolve`).
+
+    Example:
+        >>> check("auto:9", 50)
+    """
+    if isinstance(spec, str) and spec.startswith("auto:"):
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r} must be a positive integer")
+        _auto_count(validate(spec), num_steps)
+    else:
+        resolve(spec, num_steps)
+
+
+def resolve(spec: KeyStepSpec, num_steps: int, *, pipe: Any = None, unet: Any = None,
+            estimator: str = "reuse") -> tuple[int, ...]:
     """The key steps of a loop of ``num_steps`` UNet calls, as a sorted tuple starting with 0.
+
+    ``pipe`` (or, for a bare UNet, ``unet``) and ``estimator`` are read by ``"auto:K"`` only: the calibration
+    of that model and scheduler, for that estimator's objective.
 
     Example:
         >>> resolve("faster-diffusion", 50)
@@ -141,9 +172,30 @@ def resolve(spec: KeyStepSpec, num_steps: int) -> tuple[int, ...]:
         return tuple(i * num_steps // count for i in range(count))
     if adaptive_threshold(spec) is not None:  # the first two; the others are chosen during the run
         return (0, 1) if num_steps > 1 else (0,)
+    if isinstance(spec, str) and spec.startswith("auto:"):
+        from .calibrate import resolve_auto
+
+        return resolve_auto(_auto_count(spec, num_steps), num_steps, pipe=pipe, unet=unet, estimator=estimator)
     if isinstance(spec, str):
         return tuple(range(0, num_steps, _parse_count(spec, "every:")))
     if spec[-1] >= num_steps:
         raise ValueError(f"key_steps={list(spec)} has step {spec[-1]}, out of range for a loop of {num_steps} "
                          f"steps (valid: 0..{num_steps - 1})")
     return spec
+
+
+def calibrate(pipe: Any, num_steps: int, num_keys: int, estimator: str = "reuse", prompts: Sequence[str] | None = None,
+              num_samples: int = 8, **options: Any) -> list[int]:
+    """The ``num_keys`` key steps of a ``num_steps`` loop chosen by calibration (what ``"auto:K"`` uses).
+
+    Measured once on the plain sampler with calibration seeds (1,000,000 + i, never evaluation seeds), stored on
+    disk and reused; the objective and its exact optimisation are described in ``tiec.calibrate``, which also
+    documents ``options`` (``cache_dir``, ``recompute``, ``guidance_scale``, ``pipeline_kwargs``, ...).
+
+    Example:
+        >>> keys = calibrate(pipe, num_steps=8, num_keys=4, num_samples=2, progress=False)
+        >>> cfg = tiec.EncoderPropagationConfig(key_steps=keys)   # or key_steps="auto:5"
+    """
+    from .calibrate import calibrate as run
+
+    return run(pipe, num_steps, num_keys, estimator, prompts, num_samples, **options)

@@ -182,17 +182,21 @@ def parse_schedule(text: str) -> Schedule:
     except ValueError:
         raise ValueError(f"schedule={text!r}: key steps {schedule.key_steps!r} are not integers; {help_text}") from None
     try:
-        schedules.resolve(spec, schedule.num_steps)
+        schedules.check(spec, schedule.num_steps)
     except ValueError as e:
         raise ValueError(f"schedule={text!r}: {e}") from None
     return schedule
 
 
-def key_steps_of(method: Method, schedule: Schedule, deepcache_interval: int = 3) -> list[int]:
+def key_steps_of(method: Method, schedule: Schedule, deepcache_interval: int = 3) -> list[int] | None:
     """The steps where the whole UNet runs: the schedule's key steps (estimators), every step (full, tome),
-    or every ``deepcache_interval``-th step (DeepCache's full steps)."""
+    or every ``deepcache_interval``-th step (DeepCache's full steps); None where they are chosen with the model
+    (``auto:K``, ``adaptive:T``: the row's ``key_step_spec`` and ``encoder_runs`` say what ran)."""
     if method.estimator is not None:
-        return list(schedules.resolve(key_spec(schedule), schedule.num_steps))
+        spec = key_spec(schedule)
+        if isinstance(spec, str) and spec.startswith(("auto:", "adaptive:")):
+            return None
+        return list(schedules.resolve(spec, schedule.num_steps))
     if method.deepcache:
         return list(schedules.resolve(f"every:{deepcache_interval}", schedule.num_steps))
     return list(range(schedule.num_steps))
