@@ -346,16 +346,7 @@ def _analyze(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from .analyze import feature_dynamics, write_dynamics
 
-    if demo:
-        from .demo import load_pipeline
-
-        pipe = load_pipeline(device=device)
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
-        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        pipe.set_progress_bar_config(disable=True)
+    pipe = load_model(args.model, device)
     extra = {} if args.guidance is None else {"guidance_scale": args.guidance}
     result = feature_dynamics(pipe, prompts, num_steps=args.steps, seed=args.seed, **extra)
     json_path, png_path = write_dynamics(result, out)
@@ -365,6 +356,22 @@ def _analyze(args: argparse.Namespace) -> int:
           f"levels {summary['encoder_mean']:.4g}, up blocks {summary['up_blocks_mean']:.4g}, UNet output "
           f"{summary['output_mean']:.4g}")
     return 0
+
+
+def load_model(model: str, device: str | None):
+    """The demo pipeline (``model == "demo"``) or a local diffusers pipeline folder, on ``device``, quiet."""
+    import torch
+
+    if model == "demo":
+        from .demo import load_pipeline
+
+        return load_pipeline(device=device)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -385,16 +392,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         check_out_folder(args.cache_dir, "--cache-dir")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if demo:
-        from .demo import load_pipeline
-
-        pipe = load_pipeline(device=device)
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
-        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        pipe.set_progress_bar_config(disable=True)
+    pipe = load_model(args.model, device)
     if args.sampler is not None:
         from .eval.methods import make_scheduler
 
