@@ -1,4 +1,5 @@
-"""The benchmark report: ``report.md`` (the comparison table and the FID-gap recovery), ``grid.png``, ``pareto.png``.
+"""The benchmark report: ``report.md`` (the comparison table, the FID-gap recovery and the equal-cost comparison),
+``grid.png``, ``pareto.png`` and ``frontier.png``.
 
 Plots use matplotlib's Agg canvas directly (no global backend change, no display needed).
 """
@@ -146,6 +147,124 @@ def gap_table(rows: Sequence[dict]) -> str:
         extra = (f"{g['extra_s']:+.4f} s ({g['extra_pct']:+.1f}%)" if g["extra_s"] is not None else "–")
         lines.append(f"| {g['estimator']} | {g['baseline']} | {g['schedule']} | {_num(g['fid_full'])} | "
                      f"{_num(g['fid_reuse'])} | {_num(g['fid_estimator'])} | {recovered} | {extra} |")
+    return "\n".join(lines)
+
+
+def plain_curve(rows: Sequence[dict], sampler: str) -> list[tuple[float, float]]:
+    """The plain sampler's quality-cost curve: the ``full`` rows of ``sampler`` (any step count) as
+    ``(gflops_per_image, fid)`` points, sorted by GFLOPs. Rows without FID or GFLOPs are left out.
+
+    Args:
+        rows: result rows (``method``, ``sampler``, ``fid``, ``gflops_per_image``).
+        sampler: the sampler's name in the rows, e.g. ``"ddim"``.
+
+    Example:
+        >>> rows = [dict(method="full", sampler="ddim", num_steps=50, fid=51.65, gflops_per_image=84.89),
+        ...         dict(method="full", sampler="ddim", num_steps=20, fid=55.20, gflops_per_image=33.95),
+        ...         dict(method="reuse", sampler="ddim", num_steps=20, fid=64.76, gflops_per_image=29.86)]
+        >>> plain_curve(rows, "ddim")
+        [(33.95, 55.2), (84.89, 51.65)]
+    """
+    return sorted((r["gflops_per_image"], r["fid"]) for r in rows
+                  if r["method"] == "full" and r["sampler"] == sampler
+                  and r.get("gflops_per_image") is not None and r.get("fid") is not None)
+
+
+def fid_at_equal_cost(curve: Sequence[tuple[float, float]], gflops: float | None) -> float | None:
+    """The plain curve's FID at ``gflops``, interpolated linearly in log(GFLOPs) between its neighbouring points.
+
+    None where ``gflops`` is missing or outside the curve's range: a curve is not extrapolated.
+
+    Args:
+        curve: ``(gflops, fid)`` points sorted by GFLOPs, as ``plain_curve`` returns them.
+        gflops: the cost to read the curve at (UNet GFLOPs per image).
+
+    Example:
+        >>> curve = [(27.16, 57.55), (33.95, 55.20)]
+        >>> round(fid_at_equal_cost(curve, 29.86), 2)  # 57.55 + ln(29.86/27.16) / ln(33.95/27.16) * (55.20 - 57.55)
+        56.55
+        >>> fid_at_equal_cost(curve, 20.0) is None  # cheaper than the cheapest plain row
+        True
+    """
+    if gflops is None or not curve or gflops <= 0 or not curve[0][0] <= gflops <= curve[-1][0]:
+        return None
+    for (g0, f0), (g1, f1) in zip(curve, curve[1:]):
+        if g0 <= gflops <= g1:
+            if g1 == g0:  # two plain rows of the same cost: either is the curve there
+                return f0
+            t = (math.log(gflops) - math.log(g0)) / (math.log(g1) - math.log(g0))
+            return f0 + t * (f1 - f0)
+    return curve[0][1]  # a one-point curve, read at exactly its cost
+
+
+def equal_cost_delta(row: dict, curve: Sequence[tuple[float, float]]) -> float | None:
+    """The row's equal-cost FID delta: its FID minus the plain curve's FID at the row's GFLOPs.
+
+    Negative means the row beats the plain sampler at its cost. None where the row has no FID or GFLOPs or its
+    GFLOPs lie outside the curve.
+
+    Example:
+        >>> curve = [(27.16, 57.55), (33.95, 55.20)]
+        >>> round(equal_cost_delta(dict(fid=56.82, gflops_per_image=29.86), curve), 2)
+        0.27
+    """
+    plain = fid_at_equal_cost(curve, row.get("gflops_per_image"))
+    return None if plain is None or row.get("fid") is None else row["fid"] - plain
+
+
+def plain_curves(rows: Sequence[dict]) -> dict[str, list[tuple[float, float]]]:
+    """``plain_curve`` of every sampler whose ``full`` rows (with FID and GFLOPs) cover two or more step counts."""
+    curves = {}
+    for sampler in sorted({r["sampler"] for r in rows if r["method"] == "full"}):
+        steps = {r["num_steps"] for r in rows if r["method"] == "full" and r["sampler"] == sampler
+                 and r.get("gflops_per_image") is not None and r.get("fid") is not None}
+        if len(steps) >= 2:
+            curves[sampler] = plain_curve(rows, sampler)
+    return curves
+
+
+def _sampler_name(sampler: str) -> str:
+    return sampler.upper()
+
+
+def equal_cost_table(rows: Sequence[dict]) -> str:
+    """The equal-cost comparison in markdown: for every non-``full`` row, each plain curve's FID at the row's
+    GFLOPs and the row's equal-cost FID delta; a note on each curve's range (rows outside it are not judged).
+
+    Example:
+        >>> rows = [dict(method="full", sampler="ddim", num_steps=n, fid=f, gflops_per_image=g)
+        ...         for n, f, g in [(16, 57.55, 27.16), (20, 55.20, 33.95)]]
+        >>> rows.append(dict(method="extrapolate", sampler="ddim", num_steps=20, fid=56.82, gflops_per_image=29.86,
+        ...                  key_steps=list(range(0, 20, 2)), key_step_spec="uniform:10"))
+        >>> print(equal_cost_table(rows))
+        | method | sampler, steps | key steps | FID | GFLOPs/img | plain DDIM at equal GFLOPs | equal-cost FID delta vs DDIM |
+        |---|---|---|---|---|---|---|
+        | extrapolate | DDIM 20 | 10 (uniform:10) | 56.82 | 29.860 | 56.55 | +0.27 |
+        <BLANKLINE>
+        - Plain DDIM curve: 2 `full` rows, 27.160 to 33.950 GFLOPs/img; not extrapolated beyond them.
+    """
+    curves = plain_curves(rows)
+    head = ["method", "sampler, steps", "key steps", "FID", "GFLOPs/img"]
+    for s in curves:
+        head += [f"plain {_sampler_name(s)} at equal GFLOPs", f"equal-cost FID delta vs {_sampler_name(s)}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["method"] == "full":
+            continue
+        cells = [r["method"], f"{_sampler_name(r['sampler'])} {r['num_steps']}", _key_steps_text(r), _num(r.get("fid")),
+                 _num(r.get("gflops_per_image"), 3)]
+        for curve in curves.values():
+            gflops = r.get("gflops_per_image")
+            if gflops is not None and not curve[0][0] <= gflops <= curve[-1][0]:
+                cells += ["outside the curve", "–"]
+                continue
+            delta = equal_cost_delta(r, curve)
+            cells += [_num(fid_at_equal_cost(curve, gflops)), "–" if delta is None else f"{delta:+.2f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines.append("")
+    lines += [f"- Plain {_sampler_name(s)} curve: {len(c)} `full` rows, {_num(c[0][0], 3)} to {_num(c[-1][0], 3)} "
+              "GFLOPs/img; not extrapolated beyond them."
+              for s, c in curves.items()]
     return "\n".join(lines)
 
 
@@ -302,9 +421,95 @@ def write_pareto(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _row_label(row: dict) -> str:
+    return f"{row['method']} {row.get('schedule') or row['sampler'] + str(row['num_steps'])}"
+
+
+def _frontier_panel(fig, ax, rows: Sequence[dict], value: str, lower_is_better: bool, colours: dict[str, str]) -> None:
+    """One frontier panel: ``value`` against GFLOPs (log x), plain curves as lines, other rows as labelled points
+    (``colours``: by sampler for the curves, by method for the points)."""
+    from matplotlib.ticker import FuncFormatter
+
+    usable = [r for r in rows if r.get("gflops_per_image") and r.get(value) is not None
+              and math.isfinite(r[value])]  # PSNR of a row against itself is inf: no point to draw
+    samplers = sorted({r["sampler"] for r in usable if r["method"] == "full"})
+    ax.set_xscale("log")
+    plain_number = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30, 50 rather than 2x10^1
+    ax.xaxis.set_major_formatter(plain_number)
+    ax.xaxis.set_minor_formatter(plain_number)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("UNet GFLOPs per image (log scale, lower is better)")
+    ax.set_ylabel(f"{value.upper()} ({'lower' if lower_is_better else 'higher'} is better)")
+    if not usable:
+        ax.text(0.5, 0.5, f"no row has both {value.upper()} and GFLOPs", ha="center", va="center",
+                transform=ax.transAxes)
+        return
+    for s in samplers:
+        curve = sorted((r["gflops_per_image"], r[value]) for r in usable if r["method"] == "full" and r["sampler"] == s)
+        ax.plot([p[0] for p in curve], [p[1] for p in curve], color=colours[f"sampler {s}"], marker="o", ms=4,
+                lw=1.5, zorder=2, label=f"plain {_sampler_name(s)}")
+    others = [r for r in usable if r["method"] != "full"]
+    for r in others:
+        ax.scatter(r["gflops_per_image"], r[value], color=colours[r["method"]], s=30, zorder=3)
+    points = [(r["gflops_per_image"], r[value]) for r in usable]
+    front = pareto_front([(x, y if lower_is_better else -y) for x, y in points])
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="0.4", lw=1, ls="--", zorder=1,
+            label="Pareto front")
+    xs, ys = [math.log(p[0]) for p in points], [p[1] for p in points]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or abs(max(ys)) or 1.0
+    ax.set_xlim(math.exp(min(xs) - 0.05 * x_span), math.exp(max(xs) + 0.35 * x_span))  # room for labels on the right
+    ax.set_ylim(min(ys) - 0.08 * y_span, max(ys) + 0.08 * y_span)
+    if others:
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        fractions = [((math.log(r["gflops_per_image"]) - math.log(x0)) / (math.log(x1) - math.log(x0)),
+                      (r[value] - y0) / (y1 - y0)) for r in others]
+        labels = [_row_label(r) for r in others]
+        width_per_char = 0.0095 * 8 / (fig.get_figwidth() / 2)
+        spots = place_labels(fractions, [width_per_char * len(t) for t in labels], 0.032)
+        for r, label, spot, fraction in zip(others, labels, spots, fractions):
+            moved = abs(spot[1] - (fraction[1] + LABEL_OFFSET[1])) > 1e-4  # spots are rounded to 6 digits
+            ax.annotate(label, (r["gflops_per_image"], r[value]), xytext=spot, textcoords="axes fraction", fontsize=6,
+                        color=colours[r["method"]], va="bottom",
+                        arrowprops=dict(arrowstyle="-", color="0.7", lw=0.5) if moved else None)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3, which="both")
+
+
+def write_frontier(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """``frontier.png``: FID against UNet GFLOPs per image (log x), each sampler's plain (``full``) curve as a line,
+    every other row a labelled point, the Pareto front dashed; a second panel, PSNR against GFLOPs, where rows
+    have PSNR.
+
+    Example:
+        >>> rows = [dict(method="full", sampler="ddim", num_steps=n, schedule=f"ddim{n}", fid=f, gflops_per_image=g)
+        ...         for n, f, g in [(16, 57.55, 27.16), (20, 55.20, 33.95)]]
+        >>> rows.append(dict(method="reuse", sampler="ddim", num_steps=20, schedule="ddim20:uniform:10", fid=64.76,
+        ...                  gflops_per_image=29.86))
+        >>> write_frontier("frontier.png", rows)
+        >>> Path("frontier.png").is_file()
+        True
+    """
+    with_psnr = any(r.get("psnr") is not None and math.isfinite(r["psnr"]) and r.get("gflops_per_image")
+                    for r in rows)
+    panels = [("fid", True)] + ([("psnr", False)] if with_psnr else [])
+    samplers = sorted({r["sampler"] for r in rows if r["method"] == "full"})
+    methods = sorted({r["method"] for r in rows if r["method"] != "full"})
+    colours = {**{f"sampler {s}": f"C{i % 10}" for i, s in enumerate(samplers)},  # the same in both panels
+               **{m: f"C{(len(samplers) + i) % 10}" for i, m in enumerate(methods)}}
+    fig = _figure(8 * len(panels), 5.5)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (value, lower_is_better) in zip(axes, panels):
+        _frontier_panel(fig, ax, rows, value, lower_is_better, colours)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequence[str], seed: int = 0,
                  columns: int = 8, notes: Sequence[str] = ()) -> Path:
     """Write ``report.md``, ``grid.png`` and ``pareto.png`` into ``out_dir``; returns the report's path.
+
+    When the rows hold ``full`` rows of a sampler at two or more step counts, the report gains the equal-cost
+    comparison (``equal_cost_table``) and ``frontier.png`` is written too.
 
     Example:
         >>> from tiec.eval.results import save_images
@@ -328,12 +533,25 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequ
              "`(FID_reuse - FID_est) / (FID_reuse - FID_full)`: 100% = as good as the full sampler, 0% = no better "
              "than reuse, negative = worse than reuse. Extra time is per image, against the matching reuse row. "
              "Noise injection (`reuse+noise`) is measured the same way against `reuse`.", "",
-             gap_table(rows), "", "## Figures", "", "![grid](grid.png)", "", "![pareto](pareto.png)", ""]
+             gap_table(rows), ""]
+    curves = plain_curves(rows)
+    if curves:
+        text += ["## Equal-cost comparison", "",
+                 "What a user decides by: each sampler's `full` rows at several step counts draw its plain FID-GFLOPs "
+                 "curve; every other row is judged by its equal-cost FID delta, its FID minus the plain curve's FID at "
+                 "the row's UNet GFLOPs/img (interpolated linearly in log GFLOPs between the neighbouring plain rows). "
+                 "Negative: the row beats the plain sampler at its cost. A row whose GFLOPs lie outside a curve's range shows "
+                 "\"outside the curve\": it is not compared with that sampler, since the curve is not extrapolated.", "",
+                 equal_cost_table(rows), ""]
+    text += ["## Figures", "", "![grid](grid.png)", "", "![pareto](pareto.png)", ""]
+    text += ["![frontier](frontier.png)", ""] if curves else []
     path = out_dir / "report.md"
     atomic_write(path, lambda f: f.write("\n".join(text).encode("utf-8")))
     try:
         write_grid(out_dir / "grid.png", rows, out_dir, prompts, seed, columns)
         write_pareto(out_dir / "pareto.png", rows)
+        if curves:
+            write_frontier(out_dir / "frontier.png", rows)
     except ImportError as e:
         warnings.warn(f"{e}; report.md written without figures", stacklevel=2)
     return path
