@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ._patch import Patch, observe_calls
+from ._timeline import timestep_value
 
 
 class Part:
@@ -78,13 +79,6 @@ class Part:
 
     def new_stats(self) -> dict[str, int]:
         return {}
-
-
-def timestep_value(timestep: Any) -> float:
-    """The timestep of one UNet call as a Python float (a device sync when it lives on a GPU)."""
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.reshape(-1)[0].item())
-    return float(timestep)
 
 
 def loop_timeline(scheduler: Any, first_timestep: Any) -> list[float]:

@@ -186,9 +186,6 @@ class _Run:
         self.key_steps = tuple(sorted(set(self.key_steps) | {step}))
         self.key_set = frozenset(self.key_steps)
 
-    def last_key(self, step: int) -> int:
-        return max(k for k in self.key_steps if k <= step)
-
     def next_key(self, step: int) -> int | None:
         return next((k for k in self.key_steps if k > step), None)
 
