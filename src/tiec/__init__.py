@@ -11,9 +11,10 @@ Example (``pipe``: any Stable Diffusion shaped diffusers pipeline; here the demo
 from . import schedules
 from .api import Handle, apply
 from .deepcache import DeepCacheConfig
+from .families import BlockModel
 from .propagation import EncoderPropagationConfig
 from .tome import TokenMergingConfig
 
 __version__ = "0.1.0"
-__all__ = ["DeepCacheConfig", "EncoderPropagationConfig", "Handle", "TokenMergingConfig", "apply", "schedules",
+__all__ = ["BlockModel", "DeepCacheConfig", "EncoderPropagationConfig", "Handle", "TokenMergingConfig", "apply", "schedules",
            "__version__"]

@@ -18,6 +18,7 @@ class Part:
 
     def __init__(self, config: Any, unet: torch.nn.Module, pipe: Any | None):
         self.config, self.unet, self.pipe = config, unet, pipe
+        self.named: Any = None  # the tiec.BlockModel that named this model, if any
         self.stats: dict[str, int] = {}
         self._patches: list[Patch] = []
         self._unobserve: Callable[[], None] | None = None

@@ -53,6 +53,14 @@ class Timeline:
             values = values[:sum(1 for t in values if t >= cutoff)]
         self.start, self.values = start, values
 
+    def index(self, timestep: Any) -> int | None:
+        """The index of ``timestep`` in ``scheduler.timesteps`` (its first occurrence by value), None if absent."""
+        found = self._storage_index(timestep)
+        if found is None:
+            value = timestep_value(timestep)
+            found = next((i for i, t in enumerate(self.source.tolist()) if _close(float(t), value)), None)
+        return found
+
     def __len__(self) -> int:
         return len(self.values)
 

@@ -28,10 +28,29 @@ def tree_clone(obj: Any) -> Any:
     return tree_map(lambda t: t.clone(), obj)
 
 
-def tile_batch(obj: Any, batch: int, times: int) -> Any:
-    """Repeat every tensor whose leading dimension is ``batch`` ``times`` times along it (step-major layout)."""
+def tile_batch(obj: Any, batch: int, times: int, folded: int = 1) -> Any:
+    """Repeat every tensor whose leading dimension is ``batch`` ``times`` times along it (step-major layout).
+
+    ``folded`` > 1 also tiles tensors with ``batch * folded`` rows (AnimateDiff passes prompt embeddings with the
+    frames folded into the batch).
+    """
+    sizes = {batch, batch * folded}
+
     def tile(t: torch.Tensor) -> torch.Tensor:
-        if t.ndim == 0 or t.shape[0] != batch or times == 1:
+        if t.ndim == 0 or t.shape[0] not in sizes or times == 1:
             return t
         return t.repeat(times, *([1] * (t.ndim - 1)))
     return tree_map(tile, obj)
+
+
+def tree_leaves(obj: Any) -> list[torch.Tensor]:
+    """The tensors in ``obj``, in the order :func:`tree_map` visits them."""
+    leaves: list[torch.Tensor] = []
+    tree_map(leaves.append, obj)
+    return leaves
+
+
+def tree_rebuild(template: Any, leaves: Any) -> Any:
+    """``template`` with its tensors replaced, in order, by ``leaves`` (as many as it has)."""
+    it = iter(leaves)
+    return tree_map(lambda _: next(it), template)

@@ -9,6 +9,7 @@ import torch
 from ._part import Part
 from ._patch import call_observers, patch_owners
 from .deepcache import DeepCache, DeepCacheConfig
+from .families import TRANSFORMER_CLASSES, UNET_CLASSES, BlockModel, is_denoiser
 from .propagation import EncoderPropagation, EncoderPropagationConfig
 from .tome import TokenMerging, TokenMergingConfig
 
@@ -18,19 +19,24 @@ def _registry() -> dict[type, type[Part]]:
             DeepCacheConfig: DeepCache}
 
 
-def _split_target(target: Any) -> tuple[torch.nn.Module, Any | None]:
-    from diffusers import UNet2DConditionModel
-
-    if isinstance(target, UNet2DConditionModel):
-        return target, None
-    unet = getattr(target, "unet", None)
-    if isinstance(unet, UNet2DConditionModel) and hasattr(target, "scheduler"):
-        return unet, target
-    if isinstance(getattr(target, "_orig_mod", getattr(unet, "_orig_mod", None)), UNet2DConditionModel):
-        raise TypeError("tiec.apply got a UNet wrapped by torch.compile; apply tiec to the uncompiled model, "
+def _split_target(target: Any) -> tuple[torch.nn.Module, Any | None, BlockModel | None]:
+    """(the denoiser, the pipeline or None, the ``BlockModel`` naming it or None) of what ``apply`` got."""
+    if isinstance(target, BlockModel):
+        return target.model, None, target
+    if is_denoiser(target):
+        return target, None, None
+    for name in ("unet", "transformer"):
+        model = getattr(target, name, None)
+        if is_denoiser(model) and hasattr(target, "scheduler"):
+            return model, target, None
+    wrapped = [getattr(target, "_orig_mod", None)] + [getattr(getattr(target, n, None), "_orig_mod", None)
+                                                       for n in ("unet", "transformer")]
+    if any(is_denoiser(m) for m in wrapped):
+        raise TypeError("tiec.apply got a model wrapped by torch.compile; apply tiec to the uncompiled model, "
                         "then compile its blocks in place with `unet.compile_repeated_blocks()` (README, torch.compile)")
-    raise TypeError(f"tiec.apply expects a diffusers UNet2DConditionModel or a pipeline holding one as .unet "
-                    f"(with a .scheduler), got {type(target).__name__}")
+    known = ", ".join(UNET_CLASSES + tuple(TRANSFORMER_CLASSES))
+    raise TypeError(f"tiec.apply expects a diffusers pipeline (with a .scheduler) holding one of {known} as .unet "
+                    f"or .transformer, such a model itself, or a tiec.BlockModel; got {type(target).__name__}")
 
 
 def applied_parts(unet: torch.nn.Module, pipe: Any | None = None) -> list[Part]:
@@ -165,7 +171,12 @@ def apply(target: Any, *configs: Any) -> Handle:
     types = [type(c) for c in configs]
     if len(set(types)) != len(types):
         raise ValueError(f"tiec.apply got two configs of the same type: {[t.__name__ for t in types]}")
-    unet, pipe = _split_target(target)
+    unet, pipe, named = _split_target(target)
+    if type(unet).__name__ != "UNet2DConditionModel" or named is not None:
+        for config in configs:
+            if not isinstance(config, EncoderPropagationConfig):
+                raise TypeError(f"{type(config).__name__} supports UNet2DConditionModel pipelines only; "
+                                f"{type(unet).__name__} takes EncoderPropagationConfig")
     existing = applied_parts(unet, pipe)
     replaced = [p for p in existing if type(p.config) in types]
     kinds = set(types) | {type(p.config) for p in existing if p not in replaced}
@@ -179,6 +190,7 @@ def apply(target: Any, *configs: Any) -> Handle:
     try:
         for config in configs:
             part = registry[type(config)](config, unet, pipe)
+            part.named = named
             parts.append(part)  # before install: a part that fails halfway is undone too
             part.install()
     except BaseException as error:

@@ -358,6 +358,10 @@ class _Recorder(Part):
         from .api import applied_parts
         from .propagation import EncoderPropagation
 
+        if type(self.unet).__name__ != "UNet2DConditionModel":
+            raise TypeError(f"calibration (key_steps='auto:K') supports UNet2DConditionModel pipelines only, not "
+                            f"{type(self.unet).__name__}; use 'adaptive:T' or a list of key steps")
+
         others = [type(p).__name__ for p in applied_parts(self.unet) if not isinstance(p, EncoderPropagation)]
         if others:
             raise ValueError(f"calibration measures the plain UNet, but {', '.join(others)} is applied to it; "
@@ -378,11 +382,9 @@ class _Recorder(Part):
                                                                      or 0.0))
         call = dict(self._signature.bind(*args, **kwargs).arguments)
         if self.replay is not None:
-            from .propagation import EncoderPropagation
-
             index, self.calls = self.calls, self.calls + 1
             if index in self.replay:
-                return EncoderPropagation._wrap(self.replay[index].clone(), call.get("return_dict", True))
+                return _wrap(self.replay[index].clone(), call.get("return_dict", True))
             return self.split.capture(lambda: inner(**call))[0]  # capture: tiec's own patches pass through
         out, features = self.split.capture(lambda: inner(**call))
         sample = out[0] if isinstance(out, tuple) else out.sample
@@ -745,3 +747,11 @@ def _check_loop(calibration: Calibration, scheduler: Any, spec: str) -> Calibrat
                          f"does not fit this loop, which runs part of another schedule (img2img's strength, "
                          f"denoising_end); pass key steps explicitly")
     return calibration
+
+
+def _wrap(sample: torch.Tensor, return_dict: bool) -> Any:
+    """A UNet's output structure around ``sample``."""
+    if not return_dict:
+        return (sample,)
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+    return UNet2DConditionOutput(sample=sample)

@@ -77,4 +77,6 @@ def input_scale(scheduler: Any, sample: torch.Tensor, timestep: Any) -> torch.Te
         1.0
     """
     one = torch.ones((1,) * sample.ndim, device=sample.device, dtype=torch.float32)
+    if not hasattr(scheduler, "scale_model_input"):  # flow matching: the latent is the model's input as it is
+        return one
     return scheduler.scale_model_input(one, timestep)

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from . import estimators, schedules
+from . import estimators, families, schedules
 from ._part import Part
 from ._timeline import Timeline, timestep_value
-from ._tree import tile_batch, tree_clone, tree_map
+from ._tree import tile_batch, tree_clone, tree_leaves, tree_map, tree_rebuild
 from .noise import PriorNoiseInjection
-from .split import EncoderSplit, Features
+from .split import Features
 
 logger = logging.getLogger("tiec")
 DEFAULT_MAX_PARALLEL = 8
@@ -57,6 +57,9 @@ class EncoderPropagationConfig:
             (``extrapolate``, and ``interpolate`` after the last key step). ``max_extrapolation`` bounds order 1 only.
         max_extrapolation: bound on the magnitude of the negative weight of ``extrapolate`` (None: no
             bound). Smaller values stay closer to ``reuse`` far from the last key step.
+        encoder_blocks: transformers and ``tiec.BlockModel`` only: the encoder is the first ``k`` blocks of the
+            stack. None (default): ``round(18 / 28 * len(blocks))``, FasterDiffusion's DiT-XL/2 setting (see
+            ``tiec.families``). UNets take None (their encoder is fixed).
 
     Example:
         >>> cfg = EncoderPropagationConfig(key_steps="uniform:5", estimator="extrapolate")
@@ -73,6 +76,7 @@ class EncoderPropagationConfig:
     blend_space: str = "t"
     max_extrapolation: float | None = None
     extrapolation_order: int = 1
+    encoder_blocks: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "key_steps", schedules.validate(self.key_steps))
@@ -95,6 +99,9 @@ class EncoderPropagationConfig:
             raise ValueError(f"max_extrapolation={self.max_extrapolation!r} must be None or a number >= 0")
         if self.extrapolation_order not in (1, 2) or isinstance(self.extrapolation_order, bool):
             raise ValueError(f"extrapolation_order={self.extrapolation_order!r} must be 1 (linear) or 2 (quadratic)")
+        if self.encoder_blocks is not None and (not isinstance(self.encoder_blocks, int) or isinstance(
+                self.encoder_blocks, bool) or self.encoder_blocks < 1):
+            raise ValueError(f"encoder_blocks={self.encoder_blocks!r} must be None or a positive integer")
 
 
 class _Slot:
@@ -109,9 +116,13 @@ class _Slot:
         self.control: Any = None                     # ControlNet output of the last key step
         self.control_scale: Any = None               # and the conditioning scale it was computed with
         self.step_scale: tuple[int, Any] | None = None  # (step, conditioning scale) of this step's ControlNet call
+        self.sample_batch: int | None = None         # the model input's batch of the cached key steps
 
-    def store(self, step: int, coord: float, features: Features) -> int:
-        """Keep the features of key step ``step``; returns how many queued decodes it made useless."""
+    def store(self, step: int, coord: float, features: Features, sample_batch: int | None = None) -> int:
+        """Keep the features of key step ``step``; returns how many queued decodes it made useless.
+
+        ``sample_batch`` is the model input's batch (default: the features'; video UNets fold frames into theirs).
+        """
         # A key step at the coordinate of the previous one (a repeated timestep: Heun, KDPM2) replaces it, so
         # that the two kept key steps always span a line; features of another batch size (guidance switched off
         # by a callback) cannot be blended with these.
@@ -119,6 +130,7 @@ class _Slot:
         for old in [k for k, c in self.key_coords.items() if c == coord or self.features[k][0].shape[0] != batch]:
             self._drop(old)
         self.key_coords[step], self.features[step] = coord, features
+        self.sample_batch = features[0].shape[0] if sample_batch is None else sample_batch
         for old in sorted(self.features)[:-self.keep]:
             self._drop(old)
         unused = len(self.queue)
@@ -135,7 +147,7 @@ class _Slot:
         return self.step_scale[1] if self.step_scale is not None and self.step_scale[0] == step else None
 
     def batch(self) -> int | None:
-        return next(iter(self.features.values()))[0].shape[0] if self.features else None
+        return self.sample_batch if self.features else None
 
 
 class _Run:
@@ -212,6 +224,15 @@ class EncoderPropagation(Part):
             raise ValueError(f"estimator='interpolate' does not support {type(self.pipe).__name__}: its look-ahead "
                              f"needs the guided prediction of a two-way guidance batch, and this pipeline guides "
                              f"a three-way batch with an image scale; use 'reuse' or 'extrapolate'")
+        self.family = families.family_of(self.unet, self.pipe, self.named)
+        controlnet = getattr(self.pipe, "controlnet", None) if self.pipe is not None else None
+        if not self.family.is_unet and controlnet is not None:
+            raise ValueError(f"EncoderPropagationConfig does not support a ControlNet on {type(self.unet).__name__}: "
+                             f"its residuals are added between the transformer blocks that a non-key step skips")
+        if self.config.blend_space == "log-snr" and self.pipe is not None and \
+                getattr(self.pipe.scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(f"blend_space='log-snr' needs a scheduler with alphas_cumprod; "
+                             f"{type(self.pipe.scheduler).__name__} has none: use 't' or 'step'")
         if self.pipe is not None and type(self.pipe).__name__.startswith("StableDiffusionSAG"):
             raise ValueError(f"EncoderPropagationConfig does not support {type(self.pipe).__name__}: self-attention "
                              f"guidance reads the mid block's attention map of every step, which a non-key step "
@@ -222,12 +243,14 @@ class EncoderPropagation(Part):
         self._noise = PriorNoiseInjection(self.config.noise_injection, self.config.noise_injection_tau, owner=self,
                                           position=self._loop_position) if self.config.noise_injection > 0 else None
         self._warned: set[str] = set()
+        self._call_guidance: Any = None
         self._signature = inspect.signature(self.unet.forward)
-        self.split = EncoderSplit(self, self.unet)
+        self.split = self.family.make_split(self, self.unet, self.config.encoder_blocks)
+        fam = self.family
+        self._unchecked = _UNCHECKED | {fam.sample_arg, fam.timestep_arg}
         # The step logic (data-dependent Python) stays out of torch.compile's graphs: compiled whole, the UNet
         # then runs eagerly under tiec; compile its blocks instead (README, torch.compile).
         self.patch(self.unet, "forward", torch.compiler.disable(self._unet_forward))
-        controlnet = getattr(self.pipe, "controlnet", None) if self.pipe is not None else None
         if isinstance(controlnet, torch.nn.Module):
             self._controlnet_signature = inspect.signature(controlnet.forward)
             self.patch(controlnet, "forward", torch.compiler.disable(self._controlnet_forward))
@@ -262,6 +285,7 @@ class EncoderPropagation(Part):
         super().begin_call(pipe, call_kwargs)
         self._pending = True
         self._denoising_end = (call_kwargs or {}).get("denoising_end")
+        self._call_guidance = _call_argument(pipe, call_kwargs or {}, "guidance_scale")
         if self._noise is not None:
             self._patches.append(self._noise.begin_call(pipe))
 
@@ -270,6 +294,13 @@ class EncoderPropagation(Part):
             self._patches.remove(self._noise.patch)
             self._noise.end_call()
         super().end_call(pipe)
+
+    def _guidance(self) -> float | torch.Tensor | None:
+        """The guidance scale of this call: the pipeline's, or its call argument where it keeps none (DiT, PixArt)."""
+        if hasattr(type(self.pipe), "do_classifier_free_guidance"):
+            return _guidance_scale(self.pipe)
+        scale = self._call_guidance
+        return scale if isinstance(scale, (int, float)) and scale > 1 else None
 
     def _loop_position(self) -> tuple[int, int, Timeline] | None:
         """(the step after the current one, the loop length, its timeline) for noise injection; None outside."""
@@ -281,6 +312,11 @@ class EncoderPropagation(Part):
         self.stats = self.new_stats()
         self._run = _Run(self.config, num_steps, None, None, self.unet)
 
+    def _scheduler_timestep(self, timestep: Any) -> Any:
+        """The call's timestep in the scheduler's units (Flux's pipeline passes ``t / 1000``)."""
+        scale = self.family.timestep_scale
+        return timestep if scale == 1.0 else timestep_value(timestep) * scale
+
     def _current_run(self, timestep: Any) -> _Run | None:
         if self._pending:
             self._pending = False
@@ -288,6 +324,21 @@ class EncoderPropagation(Part):
             timeline = Timeline(self.pipe.scheduler, timestep, denoising_end)
             self._run = _Run(self.config, len(timeline), timeline, self.pipe)
         return self._run
+
+    def _restarted(self, run: _Run, timestep: Any) -> bool:
+        """A call that goes back to an earlier step of the timeline starts a new run from there.
+
+        Text2Video-Zero denoises the first frame, then goes back and denoises all frames from an earlier step:
+        each such loop is a run of its own, with its own key steps and caches.
+        """
+        if run.timeline is None:
+            return False
+        index = run.timeline.index(timestep)
+        if index is None or index - run.timeline.start >= run.step:
+            return False
+        self.reset()
+        self._pending = True
+        return self._current_run(timestep) is not None
 
     # -- ControlNet -----------------------------------------------------------------------------
     def _controlnet_forward(self, inner, *args, **kwargs):
@@ -322,35 +373,40 @@ class EncoderPropagation(Part):
             return inner(*args, **kwargs)
         call = dict(self._signature.bind(*args, **kwargs).arguments)
         self.split.refresh()
-        run = self._current_run(call["timestep"])
+        fam = self.family
+        timestep, sample = self._scheduler_timestep(call[fam.timestep_arg]), call[fam.sample_arg]
+        run = self._current_run(timestep)
         if run is None:
             if self.pipe is None:
                 raise RuntimeError("tiec: call handle.start_run(num_steps) before each sampling loop of a bare UNet")
             return inner(**call)
         self.stats["unet_calls"] += 1
-        located = run.locate("unet", call["timestep"])
+        located = run.locate("unet", timestep)
+        if located is None and self._restarted(run, timestep):
+            run = self._run
+            located = run.locate("unet", timestep)
         if located is None:
             self._fallback("plain_calls", "a UNet call whose timestep is no step of the loop ran the plain UNet")
             return inner(**call)
         step, slot = located
         t = run.time(step)
         if t is None:
-            t = timestep_value(call["timestep"])
-        if step in run.key_set or slot.batch() != call["sample"].shape[0]:
+            t = timestep_value(timestep)
+        if step in run.key_set or slot.batch() != sample.shape[0]:
             if step not in run.key_set:
                 self._fallback("recomputed_steps", "a non-key step ran in full: its batch differs from the "
                                "cached key step's (or no key step ran in this call position)")
             return self._key_step(inner, run, slot, step, t, call)
         queued = slot.queue.pop(step, None)
-        if queued is not None and not (queued[2] == slot.scale_at(step) and _same_inputs(queued[1], call)):
+        if queued is not None and not (queued[2] == slot.scale_at(step)
+                                       and _same_inputs(queued[1], call, self._unchecked)):
             # the conditioning changed inside the group (a callback, control_guidance_start/end): decode anew
             self._fallback("regrouped_steps", "a queued decode was dropped: the step's conditioning differs from "
                            "the one the group was decoded with")
             self.stats["unused_decodes"] += 1 + len(slot.queue)
             slot.queue.clear()
             queued = None
-        out = queued[0] if queued is not None else self._decode(inner, run, slot, self._group(run, step), call, t)
-        return self._wrap(out, call.get("return_dict", True))
+        return queued[0] if queued is not None else self._decode(inner, run, slot, self._group(run, step), call, t)
 
     def _key_step(self, inner, run: _Run, slot: _Slot, step: int, t: float, call: dict) -> Any:
         needed = run.keep > 1 or self.config.estimator != "reuse" or (step + 1 < run.num_steps
@@ -363,7 +419,8 @@ class EncoderPropagation(Part):
             self.stats["decoder_runs"] += 1
             return out
         out, features = self.split.capture(lambda: inner(**_fresh(call)))
-        self.stats["unused_decodes"] += slot.store(step, self._coord(step, t), features)
+        self.stats["unused_decodes"] += slot.store(step, self._coord(step, t), features,
+                                                   call[self.family.sample_arg].shape[0])
         self.stats["encoder_runs"] += 1
         self.stats["decoder_runs"] += 1
         if run.adaptive is not None and slot is run.slots[0] and step >= max(run.key_steps):
@@ -371,8 +428,7 @@ class EncoderPropagation(Part):
         next_key = run.next_key(step)
         if self.config.estimator == "interpolate" and next_key is not None and next_key > step + 1 \
                 and run.time(next_key) != t:
-            sample = out[0] if isinstance(out, tuple) else out.sample
-            slot.predicted[step] = self._look_ahead(inner, t, run.time(next_key), sample, call)
+            slot.predicted[step] = self._look_ahead(inner, run, step, next_key, tree_leaves(out)[0], call)
         return out
 
     def _choose_next_key(self, run: _Run, slot: _Slot, step: int) -> None:
@@ -393,21 +449,22 @@ class EncoderPropagation(Part):
 
     def _group(self, run: _Run, step: int) -> list[int]:
         """The steps decoded together with ``step``: up to the next key step, at most ``max_parallel``."""
-        if not self.config.parallel or run.timesteps is None:
+        if not self.config.parallel or run.timesteps is None or self.family.serial:
             return [step]
         end = run.next_key(step) or run.num_steps
         if self.config.max_parallel is not None:
             end = min(end, step + self.config.max_parallel)
         return list(range(step, end))
 
-    def _decode(self, inner, run: _Run, slot: _Slot, steps: list[int], call: dict, t: float) -> torch.Tensor:
-        """Decode ``steps`` (the first being this call's) in one UNet call with the encoder skipped.
+    def _decode(self, inner, run: _Run, slot: _Slot, steps: list[int], call: dict, t: float) -> Any:
+        """Decode ``steps`` (the first being this call's) in one model call with the encoder skipped.
 
-        The first step's output is returned, the others are queued for the calls to come. The decoder never
-        sees a cached tensor: FreeU and adapters write into what they are given.
+        The first step's output is returned, the others are queued for the calls to come, each in the structure
+        of the model's output. The decoder never sees a cached tensor: FreeU and adapters write into what they
+        are given.
         """
-        inputs = _input_refs(call)
-        call = dict(_fresh(call), return_dict=False)
+        inputs = _input_refs(call, self._unchecked)
+        call = _fresh(call)
         if len(steps) == 1:
             features = self._estimate(run, slot, steps[0], t)
             if any(f is c for f, c in zip(features, slot.features[max(slot.features)])):
@@ -415,9 +472,15 @@ class EncoderPropagation(Part):
         else:
             features, call = self._batched_inputs(run, slot, steps, call)
             self.stats["batched_decoder_calls"] += 1
-        out = self.split.decode(lambda: inner(**call), features)[0]
+        result = self.split.decode(lambda: inner(**call), features)
         self.stats["decoder_runs"] += len(steps)
-        outs = out.chunk(len(steps))
+        if len(steps) == 1:
+            return result
+        size = call[self.family.sample_arg].shape[0]
+        leaves = [leaf.chunk(len(steps)) if leaf.ndim and leaf.shape[0] == size else None
+                  for leaf in tree_leaves(result)]
+        outs = [tree_rebuild(result, [leaf if parts is None else parts[i] for leaf, parts in
+                                      zip(tree_leaves(result), leaves)]) for i in range(len(steps))]
         scale = slot.scale_at(steps[0])
         for s, o in zip(steps[1:], outs[1:]):
             slot.queue[s] = (o, inputs, scale)
@@ -430,7 +493,8 @@ class EncoderPropagation(Part):
         (the decoder never reads it); ControlNet residuals, the same for every step of the group, are added to
         the features here instead of being tiled per step.
         """
-        sample, timestep = call["sample"], call["timestep"]
+        fam = self.family
+        sample, timestep = call[fam.sample_arg], call[fam.timestep_arg]
         batch, times = sample.shape[0], len(steps)
         down_control, mid_control = call.get("down_block_additional_residuals"), call.get("mid_block_additional_residual")
         control = None
@@ -440,20 +504,22 @@ class EncoderPropagation(Part):
         buffers: list[torch.Tensor] | None = None
         for i, s in enumerate(steps):
             features = self._estimate(run, slot, s)
-            if buffers is None:
-                buffers = [f.new_empty((times * batch,) + f.shape[1:]) for f in features]
+            if buffers is None:  # a feature's batch may differ from the input's: video UNets fold the frames in
+                buffers = [f.new_empty((times * f.shape[0],) + f.shape[1:]) for f in features]
             for j, f in enumerate(features):
-                part = buffers[j][i * batch:(i + 1) * batch]
+                part = buffers[j][i * f.shape[0]:(i + 1) * f.shape[0]]
                 if control is not None:
                     torch.add(f, control[j], out=part)
                 else:
                     part.copy_(f)
         dtype = timestep.dtype if isinstance(timestep, torch.Tensor) else torch.float32
-        values = torch.tensor([run.timesteps[s] for s in steps], dtype=torch.float64)
-        call = {k: (v if k in ("sample", "timestep") else tile_batch(v, batch, times)) for k, v in call.items()}
+        values = torch.tensor([run.timesteps[s] / fam.timestep_scale for s in steps], dtype=torch.float64)
+        keep = fam.untiled | {fam.sample_arg, fam.timestep_arg}
+        folded = fam.frames(sample)
+        call = {k: (v if k in keep else tile_batch(v, batch, times, folded)) for k, v in call.items()}
         # A view of the right shape: with the encoder skipped, the decoder reads only the latent's shape and dtype.
-        call["sample"] = sample[:1].expand(times * batch, *sample.shape[1:])
-        call["timestep"] = values.repeat_interleave(batch).to(device=sample.device, dtype=dtype)
+        call[fam.sample_arg] = sample[:1].expand(times * batch, *sample.shape[1:])
+        call[fam.timestep_arg] = values.repeat_interleave(batch).to(device=sample.device, dtype=dtype)
         return tuple(buffers), call
 
     def _coord(self, step: int, t: float) -> float:
@@ -491,27 +557,34 @@ class EncoderPropagation(Part):
                                           slot.key_coords[key], here, self.config.max_extrapolation)
         return estimators.reuse(current)
 
-    def _look_ahead(self, inner, t: float, t_next: float, model_output: torch.Tensor, call: dict) -> Features:
-        """Encoder features at the next key step, from a one-step DDIM prediction of its latent.
+    def _look_ahead(self, inner, run: _Run, step: int, next_key: int, model_output: torch.Tensor,
+                    call: dict) -> Features:
+        """Encoder features at the next key step, from a one-step prediction of its latent (DDIM, or the flow).
 
-        The latent is the first ``min(in_channels, out_channels)`` channels of the UNet's input (inpainting and
-        InstructPix2Pix append conditioning channels, kept as they are; learned-variance models append a
-        variance half to the output, not used). The prediction is the guided one, as the pipeline forms it.
+        The latent is the first ``min(in_channels, out_channels)`` channels of the model's input (inpainting,
+        InstructPix2Pix, IF stage II and SVD append conditioning channels, kept as they are; learned-variance
+        models append a variance half to the output, not used). The prediction is the guided one, as the
+        pipeline forms it.
         """
-        scheduler = self.pipe.scheduler
-        sample = call["sample"]
-        out_channels = model_output.shape[1]
+        fam, scheduler = self.family, self.pipe.scheduler
+        t_next = run.time(next_key)
+        sample = call[fam.sample_arg]
+        dim = fam.channel_dim % sample.ndim
+        out_channels = model_output.shape[dim]
         if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
             out_channels //= 2  # DeepFloyd IF: epsilon, then the variance
-        channels = min(sample.shape[1], out_channels)
-        prediction = model_output[:, :channels].float()
-        scale = _guidance_scale(self.pipe)
+        channels = min(sample.shape[dim], out_channels)
+        prediction = model_output.narrow(dim, 0, channels).float()
+        latent = sample.narrow(dim, 0, channels)
+        scale = self._guidance()
         guided = scale is not None and prediction.shape[0] % 2 == 0
         if guided:  # the pipeline guides a batch [uncond, cond] of one latent: its two halves are equal
-            first, second = sample.chunk(2)
+            first, second = latent.chunk(2)  # (the conditioning channels may differ: SVD's unconditional image)
             guided = torch.equal(first, second)
         if guided:
             uncond, cond = prediction.chunk(2)
+            if fam.cond_first:
+                uncond, cond = cond, uncond
             guided = uncond + scale * (cond - uncond)
             rescale = getattr(self.pipe, "guidance_rescale", 0.0) or 0.0
             if rescale > 0:
@@ -520,38 +593,27 @@ class EncoderPropagation(Part):
         elif scale is not None or getattr(self.pipe, "do_perturbed_attention_guidance", False):
             self._fallback("lookahead_unguided", "the look-ahead used each sample's own prediction: the guidance "
                            "batch is not [uncond, cond] of one latent (PAG, split calls)")
-        alphas = scheduler.alphas_cumprod
-        prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-        latent = sample[:, :channels]
-        x_next = estimators.ddim_jump(latent.float(), prediction, _alpha_at(alphas, t), _alpha_at(alphas, t_next),
-                                      prediction_type).to(sample.dtype)
-        if channels < sample.shape[1]:
-            x_next = torch.cat([x_next, sample[:, channels:]], dim=1)
-        timestep = call["timestep"]
-        next_timestep = torch.full_like(timestep, t_next) if isinstance(timestep, torch.Tensor) else t_next
-        lookahead = dict(_fresh(call), sample=x_next, timestep=next_timestep)
+        x_next = _jump(scheduler, run, step, next_key, latent.float(), prediction).to(sample.dtype)
+        if channels < sample.shape[dim]:
+            x_next = torch.cat([x_next, sample.narrow(dim, channels, sample.shape[dim] - channels)], dim=dim)
+        timestep = call[fam.timestep_arg]
+        value = t_next / fam.timestep_scale
+        next_timestep = torch.full_like(timestep, value) if isinstance(timestep, torch.Tensor) else value
+        lookahead = dict(_fresh(call), **{fam.sample_arg: x_next, fam.timestep_arg: next_timestep})
         features = self.split.encode(lambda: inner(**lookahead))
         self.stats["encoder_runs"] += 1
         self.stats["lookahead_runs"] += 1
         return features
-
-    @staticmethod
-    def _wrap(sample: torch.Tensor, return_dict: bool) -> Any:
-        if not return_dict:
-            return (sample,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-        return UNet2DConditionOutput(sample=sample)
-
 
 # Call arguments a queued decode does not depend on, or that are checked otherwise (the ControlNet's scale).
 _UNCHECKED = frozenset({"sample", "timestep", "return_dict", "down_block_additional_residuals",
                         "mid_block_additional_residual", "down_intrablock_additional_residuals"})
 
 
-def _call_tensors(call: dict) -> list[torch.Tensor]:
+def _call_tensors(call: dict, unchecked: frozenset[str]) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
     for key in sorted(call):
-        if key not in _UNCHECKED:
+        if key not in unchecked:
             tree_map(found.append, call[key])
     return found
 
@@ -561,12 +623,12 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _input_refs(call: dict) -> list[tuple[torch.Tensor, int | None]]:
+def _input_refs(call: dict, unchecked: frozenset[str]) -> list[tuple[torch.Tensor, int | None]]:
     """What the conditioning of a decode was: each input tensor and its version (held until the group ends)."""
-    return [(t, _version(t)) for t in _call_tensors(call)]
+    return [(t, _version(t)) for t in _call_tensors(call, unchecked)]
 
 
-def _same_inputs(refs: list[tuple[torch.Tensor, int | None]], call: dict) -> bool:
+def _same_inputs(refs: list[tuple[torch.Tensor, int | None]], call: dict, unchecked: frozenset[str]) -> bool:
     """Whether a call's conditioning is what :func:`_input_refs` recorded, unchanged.
 
     The same tensor or the same memory (address, shape, strides, dtype: per-step views of one tensor, as a
@@ -574,7 +636,7 @@ def _same_inputs(refs: list[tuple[torch.Tensor, int | None]], call: dict) -> boo
     offload hooks copy inputs on a CPU) is compared by value: one sync. The recorded tensors are held, so no new
     tensor can be allocated at their address in the meantime.
     """
-    tensors = _call_tensors(call)
+    tensors = _call_tensors(call, unchecked)
     if len(tensors) != len(refs):
         return False
     for (old, version), t in zip(refs, tensors):
@@ -592,14 +654,49 @@ def _fresh(call: dict) -> dict:
     return tree_map(lambda t: t, call)
 
 
-def _guidance_scale(pipe: Any) -> float | None:
+def _call_argument(pipe: Any, call_kwargs: dict, name: str) -> Any:
+    """A keyword argument of a pipeline call, or its default in ``__call__``'s signature (None if it has none)."""
+    if name in call_kwargs:
+        return call_kwargs[name]
+    try:
+        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _jump(scheduler: Any, run: _Run, step: int, target: int, latent: torch.Tensor,
+          prediction: torch.Tensor) -> torch.Tensor:
+    """The latent at step ``target`` predicted from step ``step`` in one deterministic step.
+
+    Flow matching (SD3, Flux): ``x + (sigma_next - sigma) * v`` with ``sigma = t / num_train_timesteps``.
+    EDM-style continuous timesteps (SVD): a DDIM jump in variance-preserving units with ``alpha_bar =
+    1 / (1 + sigma^2)`` from the scheduler's sigmas. Otherwise a DDIM jump with ``alphas_cumprod`` at ``t``.
+    """
+    t, t_next = run.time(step), run.time(target)
+    if getattr(scheduler, "alphas_cumprod", None) is None and getattr(scheduler, "sigmas", None) is not None:
+        total = float(scheduler.config.num_train_timesteps)
+        return latent + (t_next - t) / total * prediction
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    if getattr(scheduler.config, "timestep_type", "discrete") == "continuous" and run.timeline is not None:
+        sigmas = scheduler.sigmas
+        alpha, alpha_next = (1.0 / (1.0 + float(sigmas[run.timeline.start + i]) ** 2) for i in (step, target))
+    else:
+        alpha, alpha_next = _alpha_at(scheduler.alphas_cumprod, t), _alpha_at(scheduler.alphas_cumprod, t_next)
+    return estimators.ddim_jump(latent, prediction, alpha, alpha_next, prediction_type)
+
+
+def _guidance_scale(pipe: Any) -> float | torch.Tensor | None:
     """The pipeline's classifier-free guidance scale while it guides, else None (read without failing)."""
     try:
         if not getattr(pipe, "do_classifier_free_guidance", False) or \
                 getattr(pipe, "do_perturbed_attention_guidance", False):  # PAG: a three-way batch, not guided here
             return None
-        return float(pipe.guidance_scale)
-    except (AttributeError, TypeError):
+        scale = pipe.guidance_scale
+        if isinstance(scale, torch.Tensor) and scale.numel() > 1:  # SVD: one scale per frame, broadcast
+            return scale.float()
+        return float(scale)
+    except (AttributeError, TypeError, ValueError):
         return None
 
 
