@@ -108,6 +108,21 @@ def test_text2video_zero_each_backward_loop_is_a_run():
     assert handle.stats["unet_calls"] == handle.stats["encoder_runs"] > STEPS
 
 
+def test_noise_injection_on_every_family(family):
+    """Prior noise injection patches each family's scheduler (flow matching and EDM included) and is undone."""
+    name, pipe, plain = family
+    if name == "t2v-zero":
+        with pytest.raises(ValueError, match="swaps its scheduler"):
+            tiec.apply(pipe, FD(noise_injection=0.05))
+        return
+    tau = 1e9  # every step (SVD's continuous timesteps are not in [0, 1000))
+    with tiec.apply(pipe, FD(key_steps="all", noise_injection=0.05, noise_injection_tau=tau)):
+        injected = _run(pipe, name)
+    assert np.isfinite(injected).all() and not np.array_equal(injected, plain)
+    assert "step" not in pipe.scheduler.__dict__
+    assert np.array_equal(_run(pipe, name), plain)
+
+
 def test_transformer_encoder_blocks_config():
     pipe = tiny.build("dit")
     blocks = tiny.denoiser(pipe).transformer_blocks

@@ -233,6 +233,10 @@ class EncoderPropagation(Part):
                 getattr(self.pipe.scheduler, "alphas_cumprod", None) is None:
             raise ValueError(f"blend_space='log-snr' needs a scheduler with alphas_cumprod; "
                              f"{type(self.pipe.scheduler).__name__} has none: use 't' or 'step'")
+        if self.config.noise_injection > 0 and self.pipe is not None and \
+                type(self.pipe).__name__.startswith("TextToVideoZero"):
+            raise ValueError(f"noise_injection does not support {type(self.pipe).__name__}: it swaps its scheduler for "
+                             f"a copy in the middle of a call, which would carry the injection's patch along")
         if self.pipe is not None and type(self.pipe).__name__.startswith("StableDiffusionSAG"):
             raise ValueError(f"EncoderPropagationConfig does not support {type(self.pipe).__name__}: self-attention "
                              f"guidance reads the mid block's attention map of every step, which a non-key step "
