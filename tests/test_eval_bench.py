@@ -391,3 +391,35 @@ def test_schedules_with_model_chosen_key_steps_parse():
     assert M.key_steps_of(full, M.parse_schedule("ddim20:auto:5")) == list(range(20))
     with pytest.raises(ValueError, match="auto:30"):
         M.parse_schedule("ddim20:auto:30")
+
+
+def test_explicit_rows_psnr_against_and_deepcache_intervals(tmp_path, fmnist_dir):
+    """Rows run as given (with each sampler's ``full`` added), PSNR against one reference sampler for all."""
+    pipe = tiny_demo_pipeline()
+    s = settings(tmp_path, fmnist_dir, rows="deepcache@ddim6:every:2;full@ddim3:all;extrapolate+order2@ddim6:0/2/4",
+                 psnr_against="ddim6")
+    rows = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert [(r["method"], r["schedule"]) for r in rows] == [
+        ("full", "ddim6"), ("deepcache", "ddim6:every:2"), ("full", "ddim3"), ("extrapolate+order2", "ddim6:0/2/4")]
+    assert rows[0]["psnr"] is None  # the reference itself
+    assert rows[1]["key_steps"] == [0, 2, 4] and rows[1]["config"][0]["cache_interval"] == 2
+    assert rows[3]["config"][0]["extrapolation_order"] == 2
+    full3 = np.load(tmp_path / "out/images/ddim3/full.npy").astype(np.float64)
+    full6 = np.load(tmp_path / "out/images/ddim6/full.npy").astype(np.float64)
+    mse = ((full3 - full6) ** 2).reshape(len(full3), -1).mean(axis=1)
+    assert rows[2]["psnr"] == pytest.approx(float(np.mean(10 * np.log10(255.0 ** 2 / mse))), rel=1e-6)
+
+
+def test_frontier_preset_and_row_errors():
+    s = B.BenchSettings.create(frontier=True)
+    keys = [i.row_key.split("#")[0] for i in B.plan(s)]
+    assert keys[0] == "full@ddim50" and len(keys) == len(set(keys)) == 54
+    for needed in ("full@dpm6", "deepcache@ddim50:every:5", "tome@ddim50", "extrapolate+order2@ddim20:auto:5",
+                   "interpolate@dpm20:uniform:5", "reuse@ddim50:adaptive:0.1", "reuse@ddim50:faster-diffusion"):
+        assert needed in keys
+    with pytest.raises(ValueError, match="expected <method>@"):
+        B.BenchSettings(rows=("reuse",))
+    with pytest.raises(ValueError, match="order2"):
+        M.parse_method("reuse+order2")
+    with pytest.raises(ValueError, match="sampler"):
+        B.BenchSettings(rows=("full@ddim4:all",), psnr_against="plms50")

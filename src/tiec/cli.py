@@ -280,7 +280,7 @@ def _bench(args: argparse.Namespace) -> int:
     check_device(args.device)
     _check_data_dir(args.data_dir)
     settings = BenchSettings.create(
-        quick=args.quick, model=args.model, methods=args.methods, schedules=args.schedules,
+        quick=args.quick, frontier=args.frontier, rows=args.rows, psnr_against=args.psnr_against, model=args.model, methods=args.methods, schedules=args.schedules,
         noise_injection=args.noise_injection, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
         prompts=args.prompts, clip=args.clip, reference=args.reference, reference_size=args.reference_size,
         device=args.device, out=args.out, guidance_scale=args.guidance, data_dir=args.data_dir,
@@ -417,6 +417,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.settings import FRONTIER_ROWS
+
     parser = argparse.ArgumentParser(prog="tiec", description="Training-free acceleration of diffusion sampling: "
                                      "encoder propagation (FasterDiffusion) and TIEC feature estimation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -492,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "arguments resumes there")
     p.add_argument("--quick", action="store_true", help="small real run: full/reuse/extrapolate/interpolate, "
                    "ddim20:uniform:5, 40 images, 500 reference images")
+    p.add_argument("--frontier", action="store_true", help="the quality-cost frontier: plain DDIM 10-50 and "
+                   "DPM-Solver++ 6-20, DeepCache, ToMe and tiec's estimators on faster-diffusion/uniform/auto/adaptive "
+                   "key steps (%d rows), PSNR against DDIM 50; out runs/frontier; resumes" % len(FRONTIER_ROWS))
+    p.add_argument("--rows", default=None, help="explicit rows instead of --methods x --schedules, separated by "
+                   "';', each <method>@<sampler><steps>:<key steps>, e.g. 'full@dpm8:all;deepcache@ddim50:every:2'")
+    p.add_argument("--psnr-against", default=None, help="compare every row with the full images of this "
+                   "<sampler><steps> (e.g. ddim50) instead of its own")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy CPU, 1 is often "
                    "much faster than several)")
     p.add_argument("--no-progress", action="store_true")

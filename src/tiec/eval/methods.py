@@ -30,7 +30,7 @@ from ..propagation import EncoderPropagationConfig
 from ..tome import TokenMergingConfig
 
 ESTIMATORS = ("reuse", "extrapolate", "interpolate")
-PARTS = ("full", *ESTIMATORS, "deepcache", "noise", "serial", "tome")
+PARTS = ("full", *ESTIMATORS, "deepcache", "noise", "order2", "serial", "tome")
 SAMPLERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 CORE_METHODS = ("full", "reuse", "extrapolate", "interpolate")
 DEFAULT_METHODS = ("full", "reuse", "reuse+noise", "extrapolate", "interpolate", "tome", "deepcache",
@@ -50,6 +50,7 @@ class Method:
     tome: bool = False
     deepcache: bool = False
     serial: bool = False
+    order2: bool = False
 
     @property
     def uses_key_steps(self) -> bool:
@@ -61,7 +62,7 @@ def parse_method(name: str) -> Method:
 
     Example:
         >>> parse_method("reuse+noise")
-        Method(name='reuse+noise', estimator='reuse', noise=True, tome=False, deepcache=False, serial=False)
+        Method(name='reuse+noise', estimator='reuse', noise=True, tome=False, deepcache=False, serial=False, order2=False)
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"method={name!r} is empty; expected {METHOD_HELP}")
@@ -84,14 +85,19 @@ def parse_method(name: str) -> Method:
     if deepcache and estimator:
         raise ValueError(f"method={name!r}: deepcache and encoder propagation ({estimator}) cannot be combined "
                          f"(both cache UNet features)")
-    for part, what in (("noise", "prior noise injection"), ("serial", "decode non-key steps one by one")):
+    for part, what in (("noise", "prior noise injection"), ("serial", "decode non-key steps one by one"),
+                       ("order2", "second-order extrapolation")):
         if part in parts and estimator is None:
             raise ValueError(f"method={name!r}: '+{part}' ({what}) needs an estimator, one of {list(ESTIMATORS)}")
-    noise, serial = "noise" in parts, "serial" in parts
+    noise, serial, order2 = "noise" in parts, "serial" in parts, "order2" in parts
+    if order2 and estimator == "reuse":
+        raise ValueError(f"method={name!r}: '+order2' (the quadratic through the last three key steps) needs "
+                         f"'extrapolate' or 'interpolate'")
     tome = "tome" in parts
     canonical = "+".join([p for p in (estimator, "deepcache" if deepcache else None) if p]
-                         + (["noise"] if noise else []) + (["serial"] if serial else []) + (["tome"] if tome else []))
-    return Method(canonical, estimator, noise, tome, deepcache, serial)
+                         + (["order2"] if order2 else []) + (["noise"] if noise else [])
+                         + (["serial"] if serial else []) + (["tome"] if tome else []))
+    return Method(canonical, estimator, noise, tome, deepcache, serial, order2)
 
 
 def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[Method]:
@@ -127,7 +133,8 @@ def build_configs(method: Method, key_steps: Any, noise_injection: float = 0.003
     if method.estimator is not None:
         configs.append(EncoderPropagationConfig(key_steps=key_steps, estimator=method.estimator,
                                                 noise_injection=noise_injection if method.noise else 0.0,
-                                                parallel=not method.serial))
+                                                parallel=not method.serial,
+                                                extrapolation_order=2 if method.order2 else 1))
     if method.deepcache:
         configs.append(DeepCacheConfig(cache_interval=deepcache_interval))
     if method.tome:
@@ -200,6 +207,17 @@ def key_steps_of(method: Method, schedule: Schedule, deepcache_interval: int = 3
     if method.deepcache:
         return list(schedules.resolve(f"every:{deepcache_interval}", schedule.num_steps))
     return list(range(schedule.num_steps))
+
+
+def deepcache_interval_of(schedule: Schedule, default: int) -> int:
+    """The DeepCache interval of a row: ``N`` of a schedule written ``<sampler><steps>:every:N``, else ``default``.
+
+    Example:
+        >>> deepcache_interval_of(parse_schedule("ddim50:every:5"), 3), deepcache_interval_of(parse_schedule("ddim50:all"), 3)
+        (5, 3)
+    """
+    match = re.fullmatch(r"every:(\d+)", schedule.key_steps)
+    return int(match.group(1)) if match else default
 
 
 def key_spec(schedule: Schedule) -> Any:
