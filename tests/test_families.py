@@ -165,6 +165,12 @@ def test_flux_timestep_scale_and_untiled_ids():
     assert handle.stats["plain_calls"] == handle.stats["recomputed_steps"] == 0
     assert handle.stats["encoder_runs"] == 2 + handle.stats["lookahead_runs"] == 3
     assert handle.stats["batched_decoder_calls"] == 2  # steps 1-3, then 5-7
+    assert handle.stats["lookahead_unguided"] == 0  # guidance_scale is embedded: the prediction is the one stepped
+    with tiec.apply(pipe, FD(key_steps=[0, 4], estimator="interpolate")) as handle:  # true CFG: two calls a step
+        _run(pipe, "flux", true_cfg_scale=2.0, negative_prompt_embeds=torch.randn(1, tiny.TEXT_LEN, tiny.TEXT_DIM),
+             negative_pooled_prompt_embeds=torch.randn(1, tiny.TEXT_DIM))
+    assert handle.stats["unet_calls"] == 2 * STEPS and handle.stats["plain_calls"] == 0
+    assert handle.stats["encoder_runs"] == 2 * 3 and handle.stats["lookahead_unguided"] == 2
 
 
 class Mixer(torch.nn.Module):

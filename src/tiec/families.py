@@ -99,6 +99,7 @@ class Family:
     blocks: tuple[torch.nn.Module, ...] | None = None  # None: a UNet
     untiled: frozenset[str] = field(default_factory=frozenset)  # arguments without a batch dimension
     cond_first: bool = False             # the guidance batch is [cond, uncond] (DiTPipeline)
+    guidance_arg: str = "guidance_scale"  # the call argument of classifier-free guidance (Flux: true_cfg_scale)
     serial: bool = False                 # the model reads frames from its batch size: no batched decoders
 
     @property
@@ -157,7 +158,8 @@ def family_of(model: torch.nn.Module, pipe: Any = None, custom: BlockModel | Non
     blocks = tuple(model.transformer_blocks)
     if kind == "flux":
         blocks += tuple(model.single_transformer_blocks)
+        # guidance_scale is Flux's embedded (distilled) guidance; true CFG calls the model twice per step
         return Family(kind, sample_arg="hidden_states", timestep_scale=1000.0, channel_dim=-1, blocks=blocks,
-                      untiled=frozenset({"img_ids", "txt_ids"}))
+                      untiled=frozenset({"img_ids", "txt_ids"}), guidance_arg="true_cfg_scale")
     return Family(kind, sample_arg="hidden_states", blocks=blocks,
                   cond_first=pipe is not None and type(pipe).__name__.startswith("DiTPipeline"))

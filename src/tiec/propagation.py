@@ -289,7 +289,7 @@ class EncoderPropagation(Part):
         super().begin_call(pipe, call_kwargs)
         self._pending = True
         self._denoising_end = (call_kwargs or {}).get("denoising_end")
-        self._call_guidance = _call_argument(pipe, call_kwargs or {}, "guidance_scale")
+        self._call_guidance = _call_argument(pipe, call_kwargs or {}, self.family.guidance_arg)
         if self._noise is not None:
             self._patches.append(self._noise.begin_call(pipe))
 
