@@ -30,7 +30,66 @@ class EncoderDone(Exception):
     """Raised after the last encoder part in ``encode`` mode: the decoder is not needed."""
 
 
-class EncoderSplit:
+class _Split:
+    """The three ways to run the model with an encoder split: capture, encode only, decode from given features."""
+
+    num_features: int | None
+
+    def __init__(self):
+        self.mode: str | None = None
+        self._features: list[torch.Tensor] = []
+        self._given: Sequence[torch.Tensor] = ()
+
+    def refresh(self) -> None:
+        """Follow parts that other code put in place since ``install`` (nothing to follow by default)."""
+
+    def capture(self, call: Callable[[], Any]) -> tuple[Any, Features]:
+        """Run ``call()`` (a full model call) and return its output with the encoder features it computed."""
+        self._enter("capture")
+        try:
+            out = call()
+            return out, self._check(tuple(self._features))
+        finally:
+            self._leave()
+
+    def encode(self, call: Callable[[], Any]) -> Features:
+        """Run only the encoder part of ``call()`` and return its features."""
+        self._enter("encode")
+        try:
+            try:
+                call()
+            except EncoderDone:
+                pass
+            return self._check(tuple(self._features))
+        finally:
+            self._leave()
+
+    def decode(self, call: Callable[[], Any], features: Sequence[torch.Tensor]) -> Any:
+        """Run ``call()`` with the encoder skipped: its parts return ``features`` instead."""
+        if self.num_features is None:
+            raise RuntimeError("tiec: no key step has run on this model yet")
+        if len(features) != self.num_features:
+            raise ValueError(f"expected {self.num_features} feature tensors, got {len(features)}")
+        self._enter("skip")
+        self._given = features
+        try:
+            return call()
+        finally:
+            self._leave()
+
+    def _enter(self, mode: str) -> None:
+        if self.mode is not None:
+            raise RuntimeError(f"encoder split re-entered in mode {mode!r} while in mode {self.mode!r}")
+        self.mode, self._features = mode, []
+
+    def _leave(self) -> None:
+        self.mode, self._features, self._given = None, [], ()
+
+    def _check(self, features: Features) -> Features:
+        return features
+
+
+class EncoderSplit(_Split):
     """Patches ``conv_in`` (and ``transformer_in``), ``down_blocks`` and ``mid_block`` of ``unet`` for ``part``.
 
     Modes: ``None`` (plain), ``"capture"`` (run and record F), ``"encode"`` (run the encoder only,
@@ -38,9 +97,7 @@ class EncoderSplit:
     """
 
     def __init__(self, part: Part, unet: torch.nn.Module):
-        self.mode: str | None = None
-        self._features: list[torch.Tensor] = []
-        self._given: Sequence[torch.Tensor] = ()
+        super().__init__()
         self.has_mid = unet.mid_block is not None
         self.has_temporal_in = isinstance(getattr(unet, "transformer_in", None), torch.nn.Module)
         offset, self.down_slices = 1, []
@@ -74,48 +131,6 @@ class EncoderSplit:
                 old.remove()
                 self._part._patches.remove(old)
                 self._patched[index] = (current, self._part.patch(current, "forward", self._forwards[index]))
-
-    # -- the three ways to run the UNet ------------------------------------------------------
-    def capture(self, call: Callable[[], Any]) -> tuple[Any, Features]:
-        """Run ``call()`` (a full UNet call) and return its output with the encoder features it computed."""
-        self._enter("capture")
-        try:
-            out = call()
-            return out, self._check(tuple(self._features))
-        finally:
-            self._leave()
-
-    def encode(self, call: Callable[[], Any]) -> Features:
-        """Run only the encoder part of ``call()`` and return its features."""
-        self._enter("encode")
-        try:
-            try:
-                call()
-            except EncoderDone:
-                pass
-            return self._check(tuple(self._features))
-        finally:
-            self._leave()
-
-    def decode(self, call: Callable[[], Any], features: Sequence[torch.Tensor]) -> Any:
-        """Run ``call()`` with the encoder skipped: its parts return ``features`` instead."""
-        if len(features) != self.num_features:
-            raise ValueError(f"expected {self.num_features} feature tensors, got {len(features)}")
-        self._enter("skip")
-        self._given = features
-        try:
-            return call()
-        finally:
-            self._leave()
-
-    # -- internals -----------------------------------------------------------------------------
-    def _enter(self, mode: str) -> None:
-        if self.mode is not None:
-            raise RuntimeError(f"encoder split re-entered in mode {mode!r} while in mode {self.mode!r}")
-        self.mode, self._features = mode, []
-
-    def _leave(self) -> None:
-        self.mode, self._features, self._given = None, [], ()
 
     def _check(self, features: Features) -> Features:
         if len(features) != self.num_features:
@@ -167,7 +182,7 @@ class EncoderSplit:
         return out
 
 
-class BlockSplit:
+class BlockSplit(_Split):
     """Patches the first ``k`` blocks of a block stack (a transformer's) on behalf of ``part``.
 
     ``F`` are the tensors block ``k - 1`` returns, in the order of its output (Flux and SD3 blocks return
@@ -181,56 +196,12 @@ class BlockSplit:
         if not 1 <= k < len(blocks):
             raise ValueError(f"encoder_blocks={k} must be between 1 and {len(blocks) - 1} (the stack has "
                              f"{len(blocks)} blocks; the decoder needs at least one)")
-        self.mode: str | None = None
+        super().__init__()
         self.k, self._part = k, part
         self._blocks = list(blocks[:k])
-        self._features: Features = ()
-        self._given: Sequence[torch.Tensor] = ()
         self._template: Any = None  # the output structure of block k - 1 (a tensor, or a tuple of them)
         self.num_features: int | None = None
         self._patched = [(block, part.patch(block, "forward", self._block(i))) for i, block in enumerate(self._blocks)]
-
-    def refresh(self) -> None:
-        """Nothing to follow: blocks are not replaced by adapters the way ``conv_in`` can be."""
-
-    def capture(self, call: Callable[[], Any]) -> tuple[Any, Features]:
-        self._enter("capture")
-        try:
-            out = call()
-            return out, self._features
-        finally:
-            self._leave()
-
-    def encode(self, call: Callable[[], Any]) -> Features:
-        self._enter("encode")
-        try:
-            try:
-                call()
-            except EncoderDone:
-                pass
-            return self._features
-        finally:
-            self._leave()
-
-    def decode(self, call: Callable[[], Any], features: Sequence[torch.Tensor]) -> Any:
-        if self._template is None:
-            raise RuntimeError("tiec: no key step has run on this block stack yet")
-        if len(features) != self.num_features:
-            raise ValueError(f"expected {self.num_features} feature tensors, got {len(features)}")
-        self._enter("skip")
-        self._given = features
-        try:
-            return call()
-        finally:
-            self._leave()
-
-    def _enter(self, mode: str) -> None:
-        if self.mode is not None:
-            raise RuntimeError(f"encoder split re-entered in mode {mode!r} while in mode {self.mode!r}")
-        self.mode, self._features = mode, ()
-
-    def _leave(self) -> None:
-        self.mode, self._features, self._given = None, (), ()
 
     def _block(self, index: int):
         last = index == self.k - 1
@@ -243,7 +214,7 @@ class BlockSplit:
                 leaves = tree_leaves(out)
                 self._template = tree_map(lambda t: t.new_empty(0), out)  # the structure, not the memory
                 self.num_features = len(leaves)
-                self._features = tuple(t.clone() for t in leaves)
+                self._features = [t.clone() for t in leaves]
                 if self.mode == "encode":
                     raise EncoderDone
             return out
