@@ -278,3 +278,33 @@ def test_folder_reference_cache_is_keyed_by_file_contents(tmp_path):
     assert target.stat().st_size == size  # same name, size and date: only the contents differ
     (mu_b, _), _ = F.folder_reference(Fake(), folder, cache_dir=cache)
     assert Fake.calls == 2 and not np.array_equal(mu_a, mu_b)
+
+
+def test_packed_statistics_round_trip():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(50, 6))
+    mu, sigma = gaussian_stats(features)
+    mu32, sigma32 = F.unpack_stats(F.pack_stats(mu, sigma, "float32"))
+    assert np.array_equal(sigma32, sigma32.T) and np.allclose(sigma32, sigma, rtol=1e-6)
+    assert np.array_equal(mu32, mu.astype(np.float32).astype(np.float64))
+    assert F.pack_stats(mu, sigma)["sigma_upper"].shape == (6 * 7 // 2,)
+
+
+def test_shipped_statistics_are_used_only_for_their_exact_key(tmp_path, monkeypatch):
+    """Statistics of the whole test set ship with tiec; a reference of other images or another network computes."""
+    from tiec.demo.data import write_idx
+
+    rng = np.random.default_rng(11)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (12, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 12))
+    network = counting_network()
+    from tiec.demo.data import load_fashion_mnist
+    key = F.fashion_mnist_key(network.name, load_fashion_mnist("test", tmp_path)[0], None)
+    shipped = tmp_path / "shipped.npz"
+    F.write_shipped_stats(F.pack_stats(np.arange(3.0), np.eye(3), "float32"), key, shipped)
+    monkeypatch.setattr(F, "SHIPPED_STATS", shipped)
+    (mu, sigma), _ = F.fashion_mnist_reference(network, data_dir=tmp_path, cache_dir=tmp_path / "c")
+    assert type(network).calls == 0 and mu.tolist() == [0.0, 1.0, 2.0] and np.array_equal(sigma, np.eye(3))
+    F.fashion_mnist_reference(network, count=10, data_dir=tmp_path, cache_dir=tmp_path / "c")  # a subset: computed
+    assert type(network).calls == 1
+    assert F.read_shipped_stats(dict(key, network="another-network"), shipped) is None

@@ -260,6 +260,56 @@ def fashion_mnist_source(data_dir: str | os.PathLike | None = None) -> str:
     return f"folder {folder}"
 
 
+def fashion_mnist_key(network: str, images: np.ndarray, count: int | None) -> dict:
+    """What Fashion-MNIST reference statistics depend on: the FID network and convention, the images, the subset."""
+    return {"kind": "fashion-mnist-test", "network": network, "images": array_digest(images), "count": count,
+            "subset_seed": 0}
+
+
+# The statistics of all 10,000 test images with the default network, shipped so that no user waits for them
+# (written by benchmarks/reference_stats.py; used only when their key matches exactly).
+SHIPPED_STATS = Path(__file__).resolve().parent.parent / "demo" / "fashion_mnist" / "reference-stats.npz"
+
+
+def pack_stats(mu: np.ndarray, sigma: np.ndarray, storage: str = "float16") -> dict[str, np.ndarray]:
+    """(mu, sigma) in a compact form: mu in float32, the covariance's upper triangle in ``storage``.
+
+    Example:
+        >>> mu2, sigma2 = unpack_stats(pack_stats(np.zeros(3), np.eye(3) * 2.0))
+        >>> sigma2.tolist()
+        [[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]
+    """
+    rows, cols = np.triu_indices(len(mu))
+    return {"mu": np.asarray(mu, np.float32), "sigma_upper": np.asarray(sigma[rows, cols], storage)}
+
+
+def unpack_stats(packed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 (mu, sigma) of :func:`pack_stats`'s output."""
+    mu = np.asarray(packed["mu"], np.float64)
+    rows, cols = np.triu_indices(len(mu))
+    sigma = np.zeros((len(mu), len(mu)))
+    sigma[rows, cols] = packed["sigma_upper"]
+    sigma[cols, rows] = packed["sigma_upper"]
+    return mu, sigma
+
+
+def write_shipped_stats(packed: dict[str, np.ndarray], key: dict, path: Path | None = None) -> Path:
+    path = path or SHIPPED_STATS
+    atomic_write(path, lambda f: np.savez_compressed(f, **packed, key=json.dumps(key, sort_keys=True)))
+    return path
+
+
+def read_shipped_stats(key: dict, path: Path | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The shipped statistics if they were made for exactly ``key`` (network, convention, images, subset)."""
+    path = path or SHIPPED_STATS
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        if str(data["key"]) != json.dumps(key, sort_keys=True, default=str):
+            return None
+        return unpack_stats({"mu": data["mu"], "sigma_upper": data["sigma_upper"]})
+
+
 def fashion_mnist_reference(extractor: FeatureExtractor, count: int | None = None, data_dir: str | None = None,
                             cache_dir: str | os.PathLike | None = None) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     """FID reference statistics of the Fashion-MNIST test set (or a fixed subset of ``count`` images).
@@ -279,14 +329,14 @@ def fashion_mnist_reference(extractor: FeatureExtractor, count: int | None = Non
     from ..demo.data import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test", data_dir)
-    key = {"kind": "fashion-mnist-test", "network": extractor.name, "images": array_digest(images), "count": count,
-           "subset_seed": 0}
+    key = fashion_mnist_key(extractor.name, images, count)
 
     def compute():
         subset = images[fashion_mnist_subset(count, len(images))]
         return gaussian_stats(extractor(subset))
 
-    stats = cached_stats(key, compute, cache_dir)
+    shipped = read_shipped_stats(key)
+    stats = shipped if shipped is not None else cached_stats(key, compute, cache_dir)
     what = "Fashion-MNIST test set" + (f", fixed subset of {count} images" if count is not None else " (all images)")
     return stats, f"{what}; read from {fashion_mnist_source(data_dir)}"
 
