@@ -274,3 +274,18 @@ def test_block_model_errors():
         tiec.BlockModel("model", model.stack)
     with pytest.raises(TypeError, match="BlockModel"):
         tiec.apply(model, FD())
+
+
+def test_bare_transformer_on_the_meta_device():
+    """FLOP counting runs models on the meta device, where a timestep has no value to read."""
+    from diffusers import DiTTransformer2DModel
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(num_layers=4, num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                      out_channels=8, sample_size=8, num_embeds_ada_norm=1000)
+    with tiec.apply(model, FD(key_steps="every:2", estimator="extrapolate")) as handle, torch.no_grad():
+        handle.start_run(4)
+        for _ in range(4):
+            out = model(torch.empty(2, 4, 8, 8, device="meta"), timestep=torch.empty(2, device="meta"),
+                        class_labels=torch.zeros(2, dtype=torch.long, device="meta")).sample
+    assert out.shape == (2, 8, 8, 8) and out.device.type == "meta"
+    assert (handle.stats["encoder_runs"], handle.stats["decoder_runs"]) == (2, 4)

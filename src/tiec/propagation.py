@@ -319,7 +319,7 @@ class EncoderPropagation(Part):
     def _scheduler_timestep(self, timestep: Any) -> Any:
         """The call's timestep in the scheduler's units (Flux's pipeline passes ``t / 1000``)."""
         scale = self.family.timestep_scale
-        return timestep if scale == 1.0 else timestep_value(timestep) * scale
+        return timestep if scale == 1.0 or self.pipe is None else timestep_value(timestep) * scale
 
     def _current_run(self, timestep: Any) -> _Run | None:
         if self._pending:
@@ -395,7 +395,9 @@ class EncoderPropagation(Part):
         step, slot = located
         t = run.time(step)
         if t is None:
-            t = timestep_value(timestep)
+            # a bare model's own timestep; on the meta device (FLOP counting) there is none: the step stands in
+            meta = isinstance(timestep, torch.Tensor) and timestep.device.type == "meta"
+            t = float(step) if meta else timestep_value(timestep) * self.family.timestep_scale
         if step in run.key_set or slot.batch() != sample.shape[0]:
             if step not in run.key_set:
                 self._fallback("recomputed_steps", "a non-key step ran in full: its batch differs from the "
