@@ -173,6 +173,17 @@ def test_flux_timestep_scale_and_untiled_ids():
     assert handle.stats["encoder_runs"] == 2 * 3 and handle.stats["lookahead_unguided"] == 2
 
 
+def test_flux_in_bfloat16_locates_every_step():
+    """In bf16, ``t / 1000`` rounds to a value no timestep matches: the step is read from the pipeline's own ``t``."""
+    pipe = tiny.build("flux").to(torch.bfloat16)
+    kwargs = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in tiny.inputs("flux", steps=STEPS).items()}
+    with tiec.apply(pipe, FD(key_steps=[0, 4])) as handle, torch.no_grad():
+        pipe(**kwargs)
+    assert handle.stats["plain_calls"] == 0 and handle.stats["encoder_runs"] == 2
+    assert handle.stats["decoder_runs"] == STEPS and handle.stats["batched_decoder_calls"] == 2
+
+
 class Mixer(torch.nn.Module):
     """A score model outside diffusers: a stack of residual MLP blocks over a flat input."""
 

@@ -317,9 +317,16 @@ class EncoderPropagation(Part):
         self._run = _Run(self.config, num_steps, None, None, self.unet)
 
     def _scheduler_timestep(self, timestep: Any) -> Any:
-        """The call's timestep in the scheduler's units (Flux's pipeline passes ``t / 1000``)."""
+        """The call's timestep in the scheduler's units (Flux's pipeline passes ``t / 1000``).
+
+        Such a pipeline keeps the loop's own ``t`` (a view of ``scheduler.timesteps``) as ``_current_timestep``:
+        located exactly, without a device sync; else the value, scaled back (bf16 rounds it: matched by value).
+        """
         scale = self.family.timestep_scale
-        return timestep if scale == 1.0 or self.pipe is None else timestep_value(timestep) * scale
+        if scale == 1.0 or self.pipe is None:
+            return timestep
+        current = getattr(self.pipe, "_current_timestep", None)
+        return current if isinstance(current, torch.Tensor) else timestep_value(timestep) * scale
 
     def _current_run(self, timestep: Any) -> _Run | None:
         if self._pending:
@@ -519,13 +526,16 @@ class EncoderPropagation(Part):
                 else:
                     part.copy_(f)
         dtype = timestep.dtype if isinstance(timestep, torch.Tensor) else torch.float32
-        values = torch.tensor([run.timesteps[s] / fam.timestep_scale for s in steps], dtype=torch.float64)
+        values = torch.tensor([run.timesteps[s] for s in steps], dtype=torch.float64)
         keep = fam.untiled | {fam.sample_arg, fam.timestep_arg}
         folded = fam.frames(sample)
         call = {k: (v if k in keep else tile_batch(v, batch, times, folded)) for k, v in call.items()}
         # A view of the right shape: with the encoder skipped, the decoder reads only the latent's shape and dtype.
         call[fam.sample_arg] = sample[:1].expand(times * batch, *sample.shape[1:])
+        # in the model's units as the pipeline makes them (Flux: t cast to the timestep's dtype, then / 1000)
         call[fam.timestep_arg] = values.repeat_interleave(batch).to(device=sample.device, dtype=dtype)
+        if fam.timestep_scale != 1.0:
+            call[fam.timestep_arg] = call[fam.timestep_arg] / fam.timestep_scale
         return tuple(buffers), call
 
     def _coord(self, step: int, t: float) -> float:
@@ -603,8 +613,8 @@ class EncoderPropagation(Part):
         if channels < sample.shape[dim]:
             x_next = torch.cat([x_next, sample.narrow(dim, channels, sample.shape[dim] - channels)], dim=dim)
         timestep = call[fam.timestep_arg]
-        value = t_next / fam.timestep_scale
-        next_timestep = torch.full_like(timestep, value) if isinstance(timestep, torch.Tensor) else value
+        next_timestep = torch.full_like(timestep, t_next) / fam.timestep_scale if isinstance(timestep, torch.Tensor) \
+            else t_next / fam.timestep_scale
         lookahead = dict(_fresh(call), **{fam.sample_arg: x_next, fam.timestep_arg: next_timestep})
         features = self.split.encode(lambda: inner(**lookahead))
         self.stats["encoder_runs"] += 1
