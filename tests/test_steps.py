@@ -129,6 +129,16 @@ def test_two_unet_calls_per_step_keep_their_own_caches(sd):
     assert np.abs(outs[False] - joint).max() < 1e-4
 
 
+def test_deepcache_two_unet_calls_per_step_keep_their_own_caches(sd):
+    """DeepCache reads each call's step from its timestep: split guidance halves are one step, each with its cache."""
+    config = tiec.DeepCacheConfig(cache_interval=3)
+    split, stats = split_run(sd, config)
+    assert stats["unet_calls"] == 20 and stats["full_steps"] == 2 * 4 and stats["shallow_steps"] == 2 * 6
+    with tiec.apply(sd, config):
+        joint = run(sd, "sd", steps=10)
+    assert np.abs(split - joint).max() < 1e-4
+
+
 def test_decoder_writing_into_its_inputs_cannot_change_the_cache(sd):
     """A mutator in the chain (as FreeU and T2I-Adapter are): it scales the first up block's input in place."""
     def scale_in_place(module, args, kwargs):

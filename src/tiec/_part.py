@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import torch
 
 from ._patch import Patch, observe_calls
-from ._timeline import timestep_value
 
 
 class Part:
@@ -81,18 +79,3 @@ class Part:
     def new_stats(self) -> dict[str, int]:
         return {}
 
-
-def loop_timeline(scheduler: Any, first_timestep: Any) -> list[float]:
-    """The timesteps a pipeline call iterates, found once at its first UNet call.
-
-    The loop may start later than ``scheduler.timesteps`` does (img2img's shortened schedule): it runs
-    from the first occurrence of its first timestep to the end. One device sync per call, none per step.
-    """
-    timeline = [float(t) for t in scheduler.timesteps.tolist()]
-    first = timestep_value(first_timestep)
-    start = next((i for i, t in enumerate(timeline) if abs(t - first) <= 1e-4 * max(1.0, abs(t))), None)
-    if start is None:
-        warnings.warn(f"tiec: the first timestep {first} of this call is not in scheduler.timesteps; "
-                      f"counting the loop from the scheduler's first step")
-        start = 0
-    return timeline[start:]

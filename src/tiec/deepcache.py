@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._part import Part, loop_timeline
+from ._part import Part
+from ._timeline import Timeline
 
 SCHEDULES = ("uniform", "non-uniform")
 # The non-uniform rule: full steps cluster around this share of the loop, by this power (see full_steps).
@@ -109,12 +110,34 @@ def full_steps(num_steps: int, cache_interval: int, schedule: str = "uniform") -
 
 
 class _Run:
-    """One sampling loop: its length, its full steps and the step cursor."""
+    """One sampling loop: its length, its full steps and the step cursor.
 
-    def __init__(self, config: DeepCacheConfig, num_steps: int):
-        self.num_steps = num_steps
+    A pipeline's loop has a ``timeline``: each call's step is read from its timestep (``tiec._timeline``), so
+    pipelines that call the UNet twice per step (split guidance) give each call position its own cache. A bare
+    UNet's calls are its steps, one after the other.
+    """
+
+    def __init__(self, config: DeepCacheConfig, num_steps: int, timeline: Timeline | None = None):
+        self.num_steps, self.timeline = num_steps, timeline
         self.full = frozenset(full_steps(num_steps, config.cache_interval, config.schedule))
         self.step = -1
+        self.calls = 0           # calls so far in the current step
+        self.calls_per_step = 1  # calls of the first step, learned when the second begins
+
+    def locate(self, timestep: Any) -> tuple[int, int] | None:
+        """(step, call position within the step) of a UNet call; None for a call outside this loop."""
+        if self.timeline is None:
+            step = self.step + 1
+        else:
+            step = self.timeline.locate(timestep, self.step, self.calls, self.calls_per_step)
+            if step is None or step < self.step:
+                return None
+        if step != self.step:
+            if self.step == 0:
+                self.calls_per_step = max(1, self.calls)
+            self.step, self.calls = step, 0
+        self.calls += 1
+        return step, self.calls - 1
 
 
 class DeepCache(Part):
@@ -139,9 +162,11 @@ class DeepCache(Part):
         self._run: _Run | None = None
         self._pending = False
         self._mode: str | None = None              # "full" or "shallow" while a UNet call runs
-        self._outputs: dict[int, Any] = {}         # what each deep part returned at the last full step
-        self._sample_shape: tuple[int, ...] = ()   # the UNet input shape of that step
-        self._device: torch.device | None = None   # and its device
+        self._position = 0                         # the call position within the step of the running call
+        # per call position: what each deep part returned at the last full step, and that call's input shape
+        # and device
+        self._outputs: dict[int, dict[int, Any]] = {}
+        self._inputs: dict[int, tuple[tuple[int, ...], torch.device]] = {}
 
     def begin_call(self, pipe: Any, call_kwargs: dict | None = None) -> None:
         super().begin_call(pipe, call_kwargs)
@@ -156,7 +181,8 @@ class DeepCache(Part):
     def _current_run(self, timestep: Any) -> _Run | None:
         if self._pending:
             self._pending = False
-            self._run = _Run(self.config, len(loop_timeline(self.pipe.scheduler, timestep)))
+            timeline = Timeline(self.pipe.scheduler, timestep)
+            self._run = _Run(self.config, len(timeline), timeline)
         return self._run
 
     # -- patches --------------------------------------------------------------------------------
@@ -169,11 +195,15 @@ class DeepCache(Part):
                 raise RuntimeError("tiec: call handle.start_run(num_steps) before each sampling loop of a bare UNet")
             return inner(*args, **kwargs)
         self.stats["unet_calls"] += 1
-        run.step += 1
+        located = run.locate(args[1] if len(args) > 1 else kwargs.get("timestep"))
+        if located is None:  # not a step of this loop: the plain UNet, nothing cached
+            return inner(*args, **kwargs)
+        step, self._position = located
         sample = args[0] if args else kwargs["sample"]
-        self._mode = "full" if self._needs_full(run, sample) else "shallow"
+        self._mode = "full" if self._needs_full(run, step, sample) else "shallow"
         if self._mode == "full":
-            self._sample_shape, self._device = tuple(sample.shape), sample.device
+            self._inputs[self._position] = (tuple(sample.shape), sample.device)
+            self._outputs[self._position] = {}
         try:
             out = inner(*args, **kwargs)
         finally:
@@ -181,11 +211,11 @@ class DeepCache(Part):
         self.stats[f"{mode}_steps"] += 1
         return out
 
-    def _needs_full(self, run: _Run, sample: torch.Tensor) -> bool:
-        """Whether this step runs the whole UNet: a scheduled full step, or no usable cache."""
-        if run.step in run.full or run.step >= run.num_steps or not self._outputs:
+    def _needs_full(self, run: _Run, step: int, sample: torch.Tensor) -> bool:
+        """Whether this call runs the whole UNet: a scheduled full step, or no usable cache in its position."""
+        if step in run.full or step >= run.num_steps or not self._outputs.get(self._position):
             return True
-        return tuple(sample.shape) != self._sample_shape or self._device != sample.device
+        return self._inputs[self._position] != (tuple(sample.shape), sample.device)
 
     def _deep_forward(self, index: int, feeds_entry: bool) -> Callable:
         def forward(inner, *args, **kwargs):
@@ -193,11 +223,11 @@ class DeepCache(Part):
                 # Only the part feeding the entry layer hands out a value that is used (the deep feature): a copy,
                 # since the up block may change it in place (FreeU does). The others only give shapes to parts
                 # that are skipped too.
-                out = self._outputs[index]
+                out = self._outputs[self._position][index]
                 return _copy(out) if feeds_entry else out
             out = inner(*args, **kwargs)
             if self._mode == "full":
-                self._outputs[index] = _copy(out) if feeds_entry else out
+                self._outputs[self._position][index] = _copy(out) if feeds_entry else out
             return out
         return forward
 
