@@ -99,6 +99,23 @@ def test_estimators_skip_the_encoder_and_parallel_matches_serial(family, estimat
     assert not np.array_equal(outs[False], plain)  # non-key steps decoded from estimated features
 
 
+@pytest.mark.parametrize("name,scheduler", [("sd3", "flow_heun"), ("pixart", "euler"), ("t2v", "unipc"),
+                                            ("if", "dpm"), ("animatediff", "euler_a")])
+def test_other_schedulers(name, scheduler):
+    """Repeated timesteps (flow Heun), sigma-scaled (Euler), multistep and ancestral schedulers on other families."""
+    pipe = tiny.build(name, scheduler=scheduler)
+    plain = _run(pipe, name)
+    with tiec.apply(pipe, FD(key_steps="all")):
+        assert np.array_equal(_run(pipe, name), plain)
+    outs = {}
+    for parallel in (True, False):
+        with tiec.apply(pipe, FD(key_steps=KEYS, estimator="interpolate", parallel=parallel)) as handle:
+            outs[parallel] = _run(pipe, name)
+        assert handle.stats["plain_calls"] == handle.stats["recomputed_steps"] == 0
+        assert handle.stats["encoder_runs"] - handle.stats["lookahead_runs"] < handle.stats["unet_calls"]
+    assert np.abs(outs[True] - outs[False]).max() < TOLERANCE
+
+
 def test_text2video_zero_each_backward_loop_is_a_run():
     pipe = tiny.build("t2v-zero")
     with tiec.apply(pipe, FD(key_steps="all")) as handle:
