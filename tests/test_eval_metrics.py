@@ -308,3 +308,16 @@ def test_shipped_statistics_are_used_only_for_their_exact_key(tmp_path, monkeypa
     F.fashion_mnist_reference(network, count=10, data_dir=tmp_path, cache_dir=tmp_path / "c")  # a subset: computed
     assert type(network).calls == 1
     assert F.read_shipped_stats(dict(key, network="another-network"), shipped) is None
+
+
+def test_the_shipped_statistics_match_the_default_network_and_the_shipped_test_split():
+    """Regenerate with benchmarks/reference_stats.py --write when the network, its convention or the data change."""
+    from tiec.demo.data import SHIPPED_TEST_DIR, load_fashion_mnist
+
+    images, _ = load_fashion_mnist("test", SHIPPED_TEST_DIR)
+    key = F.fashion_mnist_key(F.InceptionFeatures().name, images, None)
+    stats = F.read_shipped_stats(key)
+    assert stats is not None
+    mu, sigma = stats
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.array_equal(sigma, sigma.T)
+    assert np.all(np.diag(sigma) >= 0) and np.isfinite(mu).all()
