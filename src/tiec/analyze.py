@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._part import timestep_value
+from ._timeline import timestep_value
 from ._tree import tree_clone
 from .flops import decoder_share
 

@@ -9,7 +9,7 @@ import torch
 from ._part import Part
 from ._patch import call_observers, patch_owners
 from .deepcache import DeepCache, DeepCacheConfig
-from .families import TRANSFORMER_CLASSES, UNET_CLASSES, BlockModel, is_denoiser
+from .families import TRANSFORMER_CLASSES, UNET_CLASSES, BlockModel, is_denoiser, known_class
 from .propagation import EncoderPropagation, EncoderPropagationConfig
 from .tome import TokenMerging, TokenMergingConfig
 
@@ -172,7 +172,7 @@ def apply(target: Any, *configs: Any) -> Handle:
     if len(set(types)) != len(types):
         raise ValueError(f"tiec.apply got two configs of the same type: {[t.__name__ for t in types]}")
     unet, pipe, named = _split_target(target)
-    if type(unet).__name__ != "UNet2DConditionModel" or named is not None:
+    if known_class(unet) != "UNet2DConditionModel" or named is not None:
         for config in configs:
             if not isinstance(config, EncoderPropagationConfig):
                 raise TypeError(f"{type(config).__name__} supports UNet2DConditionModel pipelines only; "

@@ -63,7 +63,8 @@ import numpy as np
 import torch
 
 from . import estimators
-from ._part import Part, timestep_value
+from ._part import Part
+from ._timeline import timestep_value
 from ._tree import tile_batch, tree_clone
 from .split import EncoderSplit, Features
 
@@ -356,9 +357,10 @@ class _Recorder(Part):
 
     def install(self) -> None:
         from .api import applied_parts
+        from .families import known_class
         from .propagation import EncoderPropagation
 
-        if type(self.unet).__name__ != "UNet2DConditionModel":
+        if known_class(self.unet) != "UNet2DConditionModel":
             raise TypeError(f"calibration (key_steps='auto:K') supports UNet2DConditionModel pipelines only, not "
                             f"{type(self.unet).__name__}; use 'adaptive:T' or a list of key steps")
 

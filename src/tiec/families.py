@@ -128,10 +128,11 @@ class Family:
 
 def is_denoiser(model: Any) -> bool:
     """Whether ``model`` is one of the diffusers denoisers tiec knows (by class name, diffusers' own classes)."""
-    return isinstance(model, torch.nn.Module) and _known_name(model) is not None
+    return isinstance(model, torch.nn.Module) and known_class(model) is not None
 
 
-def _known_name(model: torch.nn.Module) -> str | None:
+def known_class(model: torch.nn.Module) -> str | None:
+    """The diffusers denoiser class ``model`` is (or subclasses), by name; None for any other model."""
     for cls in type(model).__mro__:
         if cls.__module__.startswith("diffusers.") and (cls.__name__ in UNET_CLASSES
                                                          or cls.__name__ in TRANSFORMER_CLASSES):
@@ -143,7 +144,7 @@ def family_of(model: torch.nn.Module, pipe: Any = None, custom: BlockModel | Non
     """The family of ``model`` (called by ``pipe``, if any); ``custom`` names a model outside diffusers."""
     if custom is not None:
         return Family("blocks", sample_arg=custom.sample_arg, timestep_arg=custom.timestep_arg, blocks=custom.blocks)
-    name = _known_name(model)
+    name = known_class(model)
     if name is None:
         raise TypeError(f"tiec does not know {type(model).__name__}; name its block stack with tiec.BlockModel")
     if name == "UNetSpatioTemporalConditionModel":  # (batch, frames, channels, height, width)
