@@ -1,7 +1,5 @@
 """Step identity, early loop ends, repeated timesteps, multi-call pipelines, cache safety and blends (issue 12)."""
 
-import functools
-
 import numpy as np
 import pytest
 import torch
