@@ -36,10 +36,7 @@ class Timeline:
     def __init__(self, scheduler: Any, first_timestep: Any, denoising_end: Any = None):
         self.source = scheduler.timesteps
         every = [float(t) for t in self.source.tolist()]
-        start = self._storage_index(first_timestep)
-        if start is None:
-            first = timestep_value(first_timestep)
-            start = next((i for i, t in enumerate(every) if _close(t, first)), None)
+        start = self.index(first_timestep)
         if start is None:
             warnings.warn(f"tiec: the first timestep {timestep_value(first_timestep)} of this call is not in "
                           f"scheduler.timesteps; counting the loop from the scheduler's first step")
@@ -95,3 +92,35 @@ class Timeline:
             if not repeated or calls_in_current < calls_per_step:
                 return current
         return next((s for s in range(max(current + 1, 0), len(self.values)) if _close(self.values[s], value)), None)
+
+
+class StepCursor:
+    """Which step of a loop each model call belongs to, and its position among the calls of that step.
+
+    With a ``timeline`` the step is read from the call's timestep (:meth:`Timeline.locate`); without one (a bare
+    model) every call is the next step. ``callers`` are the kinds of calls counted apart (a UNet and its
+    ControlNet); the first kind's calls per step tell a repeated timestep from another call of the same step.
+    """
+
+    def __init__(self, timeline: Timeline | None, callers: tuple[str, ...] = ("unet",)):
+        self.timeline, self.callers = timeline, callers
+        self.step = -1
+        self.calls = dict.fromkeys(callers, 0)  # calls of each kind in the current step
+        self.calls_per_step = 1                  # calls of the first step, learned when the second begins
+
+    def locate(self, timestep: Any, caller: str | None = None) -> tuple[int, int] | None:
+        """(step, position of this call among its kind's calls in the step); None for a call outside the loop."""
+        caller = caller or self.callers[0]
+        if self.timeline is None:
+            step = self.step + 1
+        else:
+            step = self.timeline.locate(timestep, self.step, self.calls[caller], self.calls_per_step)
+            if step is None or step < self.step:
+                return None
+        if step != self.step:
+            if self.step == 0:
+                self.calls_per_step = max(1, self.calls[self.callers[0]])
+            self.step, self.calls = step, dict.fromkeys(self.callers, 0)
+        position = self.calls[caller]
+        self.calls[caller] += 1
+        return step, position

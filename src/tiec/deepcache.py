@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ._part import Part
-from ._timeline import Timeline
+from ._timeline import StepCursor, Timeline
 
 SCHEDULES = ("uniform", "non-uniform")
 # The non-uniform rule: full steps cluster around this share of the loop, by this power (see full_steps).
@@ -110,7 +110,7 @@ def full_steps(num_steps: int, cache_interval: int, schedule: str = "uniform") -
 
 
 class _Run:
-    """One sampling loop: its length, its full steps and the step cursor.
+    """One sampling loop: its length, its full steps and its step cursor.
 
     A pipeline's loop has a ``timeline``: each call's step is read from its timestep (``tiec._timeline``), so
     pipelines that call the UNet twice per step (split guidance) give each call position its own cache. A bare
@@ -118,26 +118,9 @@ class _Run:
     """
 
     def __init__(self, config: DeepCacheConfig, num_steps: int, timeline: Timeline | None = None):
-        self.num_steps, self.timeline = num_steps, timeline
+        self.num_steps = num_steps
         self.full = frozenset(full_steps(num_steps, config.cache_interval, config.schedule))
-        self.step = -1
-        self.calls = 0           # calls so far in the current step
-        self.calls_per_step = 1  # calls of the first step, learned when the second begins
-
-    def locate(self, timestep: Any) -> tuple[int, int] | None:
-        """(step, call position within the step) of a UNet call; None for a call outside this loop."""
-        if self.timeline is None:
-            step = self.step + 1
-        else:
-            step = self.timeline.locate(timestep, self.step, self.calls, self.calls_per_step)
-            if step is None or step < self.step:
-                return None
-        if step != self.step:
-            if self.step == 0:
-                self.calls_per_step = max(1, self.calls)
-            self.step, self.calls = step, 0
-        self.calls += 1
-        return step, self.calls - 1
+        self.cursor = StepCursor(timeline)
 
 
 class DeepCache(Part):
@@ -195,7 +178,7 @@ class DeepCache(Part):
                 raise RuntimeError("tiec: call handle.start_run(num_steps) before each sampling loop of a bare UNet")
             return inner(*args, **kwargs)
         self.stats["unet_calls"] += 1
-        located = run.locate(args[1] if len(args) > 1 else kwargs.get("timestep"))
+        located = run.cursor.locate(args[1] if len(args) > 1 else kwargs.get("timestep"))
         if located is None:  # not a step of this loop: the plain UNet, nothing cached
             return inner(*args, **kwargs)
         step, self._position = located

@@ -18,7 +18,7 @@ import torch
 
 from . import estimators, families, schedules
 from ._part import Part
-from ._timeline import Timeline, timestep_value
+from ._timeline import StepCursor, Timeline, timestep_value
 from ._tree import tile_batch, tree_clone, tree_leaves, tree_map, tree_rebuild
 from .noise import PriorNoiseInjection
 from .split import Features
@@ -163,33 +163,29 @@ class _Run:
         self.key_steps = schedules.resolve(spec, num_steps, pipe=pipe, unet=unet, estimator=config.estimator)
         self.key_set = frozenset(self.key_steps)
         self.adaptive = schedules.adaptive_threshold(config.key_steps)  # None, or T: keys chosen during the run
-        self.step = -1
-        self.calls: dict[str, int] = {"unet": 0, "controlnet": 0}  # calls of each kind in the current step
-        self.calls_per_step = 1  # UNet calls of the first step, learned when the second begins
+        self.cursor = StepCursor(timeline, ("unet", "controlnet"))
         self.slots: dict[int, _Slot] = {}
         estimates = config.estimator != "reuse"
         # key steps kept per slot: reuse reads the last one (adaptive compares two), the line two, the parabola three
         self.keep = (3 if config.extrapolation_order == 2 else 2) if estimates else (2 if self.adaptive else 1)
+
+    @property
+    def step(self) -> int:
+        """The step of the last call (-1 before the first)."""
+        return self.cursor.step
 
     def locate(self, caller: str, timestep: Any) -> tuple[int, _Slot] | None:
         """The step and cache slot of a UNet or ControlNet call; None for a call outside this loop."""
         if self.timeline is None:  # a bare UNet: every UNet call is the next step
             if caller == "controlnet":
                 return None
-            step = self.step + 1
-            if step >= self.num_steps:
+            if self.step + 1 >= self.num_steps:
                 raise RuntimeError(f"tiec: this run of {self.num_steps} steps is over; call "
                                    f"handle.start_run(num_steps) before each sampling loop of a bare UNet")
-        else:
-            step = self.timeline.locate(timestep, self.step, self.calls[caller], self.calls_per_step)
-            if step is None or step < self.step:
-                return None
-        if step != self.step:
-            if self.step == 0:
-                self.calls_per_step = max(1, self.calls["unet"])
-            self.step, self.calls = step, {"unet": 0, "controlnet": 0}
-        slot = self.calls[caller]
-        self.calls[caller] += 1
+        located = self.cursor.locate(timestep, caller)
+        if located is None:
+            return None
+        step, slot = located
         if slot not in self.slots:
             self.slots[slot] = _Slot(keep=self.keep)
         return step, self.slots[slot]
@@ -490,10 +486,10 @@ class EncoderPropagation(Part):
         if len(steps) == 1:
             return result
         size = call[self.family.sample_arg].shape[0]
-        leaves = [leaf.chunk(len(steps)) if leaf.ndim and leaf.shape[0] == size else None
-                  for leaf in tree_leaves(result)]
-        outs = [tree_rebuild(result, [leaf if parts is None else parts[i] for leaf, parts in
-                                      zip(tree_leaves(result), leaves)]) for i in range(len(steps))]
+        leaves = tree_leaves(result)
+        chunks = [leaf.chunk(len(steps)) if leaf.ndim and leaf.shape[0] == size else None for leaf in leaves]
+        outs = [tree_rebuild(result, [leaf if parts is None else parts[i] for leaf, parts in zip(leaves, chunks)])
+                for i in range(len(steps))]
         scale = slot.scale_at(steps[0])
         for s, o in zip(steps[1:], outs[1:]):
             slot.queue[s] = (o, inputs, scale)
