@@ -423,3 +423,21 @@ def test_frontier_preset_and_row_errors():
         M.parse_method("reuse+order2")
     with pytest.raises(ValueError, match="sampler"):
         B.BenchSettings(rows=("full@ddim4:all",), psnr_against="plms50")
+
+
+def test_auto_rows_record_the_key_steps_their_calibration_chose(tmp_path, fmnist_dir, monkeypatch):
+    from tiec import calibrate as C
+
+    monkeypatch.setenv("TIEC_CACHE_DIR", str(tmp_path / "cache"))
+    real = C.measure
+    monkeypatch.setattr(C, "measure", lambda *a, **k: real(*a, **dict(k, num_samples=1, progress=False)))
+    pipe = tiny_demo_pipeline()
+    s = settings(tmp_path, fmnist_dir, rows="reuse@ddim6:auto:3;reuse@ddim6:adaptive:0.1")
+    rows = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    auto, adaptive = rows[1], rows[2]
+    (stored,) = (tmp_path / "cache" / "calibration").glob("calibration-*.json")
+    chosen = C.Calibration.from_json(json.loads(stored.read_text())).solve(3)
+    assert auto["key_steps"] == list(chosen) and auto["encoder_runs"] == 3
+    assert adaptive["key_steps"] is None and adaptive["encoder_runs"] >= 1
+    table = results_table(rows)
+    assert "| 3 (auto:3) |" in table and f"| {adaptive['encoder_runs']} (adaptive:0.1) |" in table

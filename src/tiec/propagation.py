@@ -239,6 +239,7 @@ class EncoderPropagation(Part):
                              f"does not compute")
         super().install()
         self._run: _Run | None = None
+        self.last_key_steps: tuple[int, ...] | None = None  # the key steps of the last loop (auto, adaptive)
         self._pending = False
         self._noise = PriorNoiseInjection(self.config.noise_injection, self.config.noise_injection_tau, owner=self,
                                           position=self._loop_position) if self.config.noise_injection > 0 else None
@@ -274,6 +275,8 @@ class EncoderPropagation(Part):
 
     def reset(self) -> None:
         run = getattr(self, "_run", None)
+        if run is not None:
+            self.last_key_steps = tuple(run.key_steps)
         if run is not None and run.timeline is not None:
             unused = sum(len(slot.queue) for slot in run.slots.values())
             if unused:

@@ -313,6 +313,16 @@ class _Run:
     dist: Dist
 
 
+def _key_steps(item: _Item, generation: Generation | None) -> list[int] | None:
+    """The row's key steps: the schedule's, or for ``auto:K`` those its calibration chose (the same for every
+    batch); None for ``adaptive:T``, whose key steps depend on each batch."""
+    keys = M.key_steps_of(item.method, item.schedule, item.deepcache_interval)
+    if keys is None and str(M.key_spec(item.schedule)).startswith("auto:") and generation is not None \
+            and generation.key_steps is not None:
+        keys = list(generation.key_steps)
+    return keys
+
+
 def _row(run: _Run, item: _Item, images: np.ndarray, gathered: list[Generation]) -> dict:
     """The ``results.jsonl`` record of one finished row."""
     settings, prompts, demo, out_dir, key, dist = run.settings, run.prompts, run.demo, run.out_dir, run.key, run.dist
@@ -337,7 +347,7 @@ def _row(run: _Run, item: _Item, images: np.ndarray, gathered: list[Generation])
         "schedule": item.label,
         "sampler": item.schedule.sampler,
         "num_steps": steps,
-        "key_steps": M.key_steps_of(item.method, item.schedule, item.deepcache_interval),
+        "key_steps": _key_steps(item, main_gen),
         "key_step_spec": item.schedule.key_steps if item.method.uses_key_steps else None,
         "num_images": settings.num_images,
         **metrics,

@@ -30,6 +30,7 @@ class Generation:
     gflops_per_image: float | None = None
     stats: dict[str, int] = field(default_factory=dict)
     samples: np.ndarray | None = None  # the demo's uncropped 32x32 samples (uint8), for the speckle figure
+    key_steps: tuple[int, ...] | None = None  # the key steps of the first batch's loop (encoder propagation)
 
 
 # -- model and prompts --------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
         return Generation([], None)
     handle = apply(pipe, *configs) if configs else None
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    out, samples, per_image, gflops = [], [], [], None
+    out, samples, per_image, gflops, key_steps = [], [], [], None, None
     try:
         with torch.no_grad():
             for b, batch in enumerate(tqdm(batches, desc=f"generate {label}".strip(), unit="batch",
@@ -162,6 +163,8 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
                     with flop_counter() as counter:
                         images, kept = _call(pipe, prompts, batch, num_steps, seed, guidance_scale, keep_samples)
                     gflops = unet_flops(counter, pipe) / len(batch) / 1e9
+                    key_steps = next((p.last_key_steps for p in handle.parts if hasattr(p, "last_key_steps")),
+                                     None) if handle is not None else None
                 else:
                     synchronize(device)
                     start = time.perf_counter()
@@ -181,4 +184,4 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
         if handle is not None:
             handle.remove()
     kept_all = np.concatenate(samples) if keep_samples and all(k is not None for k in samples) else None
-    return Generation(indices, np.concatenate(out), per_image, gflops, stats, kept_all)
+    return Generation(indices, np.concatenate(out), per_image, gflops, stats, kept_all, key_steps)

@@ -51,7 +51,8 @@ def _key_steps_text(row: dict) -> str:
     if row["method"] == "full" or len(keys) == row["num_steps"]:
         return "all"
     spec = row.get("key_step_spec") or ("every " + str(keys[1] - keys[0]) if len(keys) > 1 else "")
-    return f"{len(keys)} ({spec})"
+    count = len(keys) or row.get("encoder_runs")  # adaptive rows: the encoder runs of the first batch
+    return f"{count if count is not None else '?'} ({spec})"
 
 
 def results_table(rows: Sequence[dict]) -> str:
