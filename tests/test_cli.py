@@ -353,3 +353,16 @@ def test_generate_grid_layout(tmp_path):
     nine = np.asarray(Image.open(tmp_path / "nine.png"))
     assert nine.shape[:2] == (2 * 28, 8 * 28)  # 8 a row; the rest of the second row is blank
     assert nine[28:, 28:].max() == 0 and nine[28:, :28].max() > 0
+
+
+def test_train_demo_cooldown_on_resume_lowers_the_learning_rate(tmp_path, trained, data_dir, capsys):
+    """A constant-rate run resumed with --cooldown: the rate of the last step is lr * (steps - step) / cooldown
+    (step 3 of 4, cooldown 2: half of lr * 4/200, the warm-up factor still applying)."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    assert main([*train(out, data_dir, "--steps", "4", "--resume"), "--cooldown", "2"]) == 0
+    groups = torch.load(out / "checkpoint.pt", weights_only=False)["opt"]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(5e-4 * 4 / 200 * 0.5, rel=1e-12)
+    capsys.readouterr()
+    one_line_error(capsys, main([*train(tmp_path / "other", data_dir, "--steps", "4"), "--cooldown", "5"]),
+                   "cooldown=5")

@@ -220,7 +220,8 @@ def _train_demo(args: argparse.Namespace) -> int:
         print(f"classifier weights: {path}  test accuracy: {accuracy:.4f}")
         return 0
     path = train_unet(args.out, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                      data_dir=args.data_dir, resume=args.resume, lr=args.lr, checkpoint_every=args.checkpoint_every)
+                      data_dir=args.data_dir, resume=args.resume, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                      cooldown=args.cooldown)
     print(f"demo UNet weights: {path}")
     return 0
 
@@ -455,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20000, help="train up to this many steps in all")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--cooldown", type=int, default=0, help="let the learning rate fall linearly to zero over the "
+                   "last this many steps before --steps (e.g. resume a constant-rate run with the step to stop at)")
     p.add_argument("--epochs", type=int, default=4, help="classifier epochs")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs/demo")

@@ -71,10 +71,29 @@ def export_weights(ema: torch.nn.ModuleDict, config: dict, path: Path, **info) -
     return path
 
 
+def learning_rate_factor(step: int, steps: int, cooldown: int = 0, warmup: int = 200) -> float:
+    """The multiplier of the learning rate at ``step`` (0-based): a linear warm-up over ``warmup`` steps times a
+    linear fall over the last ``cooldown`` steps (to 1 / cooldown at the last step).
+
+    Example:
+        >>> [learning_rate_factor(s, 1000, cooldown=400) for s in (0, 199, 500, 600, 800, 999)]
+        [0.005, 1.0, 1.0, 1.0, 0.5, 0.0025]
+    """
+    factor = min(1.0, (step + 1) / warmup)
+    if cooldown:
+        factor *= min(1.0, (steps - step) / cooldown)
+    return factor
+
+
 def train_unet(out: str | Path, steps: int = 20000, batch_size: int = 64, lr: float = 5e-4, device: str = "auto",
                data_dir: str | None = None, resume: bool = False, seed: int = 0, ema_decay: float = 0.999,
-               checkpoint_every: int = 100, snapshot_every: int = 1000, log_every: int = 50) -> Path:
+               checkpoint_every: int = 100, snapshot_every: int = 1000, log_every: int = 50,
+               cooldown: int = 0) -> Path:
     """Train the demo UNet (v-prediction, label dropout for guidance, EMA); returns the exported weights file.
+
+    The learning rate warms up over 200 steps, stays at ``lr``, and with ``cooldown`` > 0 falls linearly to zero
+    over the last ``cooldown`` steps before ``steps`` (a warm-up, stable, decay schedule: a run at constant rate
+    can be resumed with the ``steps`` where it should end and a cooldown, once its curve says where to stop).
 
     Writes OUT/checkpoint.pt every `checkpoint_every` steps and on Ctrl-C, the EMA weights every `snapshot_every`
     steps (OUT/snapshots/STEP/, for quality-against-steps curves), and OUT/unet.safetensors + config.json at the end.
@@ -87,6 +106,8 @@ def train_unet(out: str | Path, steps: int = 20000, batch_size: int = 64, lr: fl
                         ("snapshot_every", snapshot_every), ("log_every", log_every)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
+    if not isinstance(cooldown, int) or not 0 <= cooldown <= steps:
+        raise ValueError(f"cooldown={cooldown!r} must be an integer between 0 and steps={steps}")
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr={lr!r} must be a positive number")
     out = Path(out)
@@ -150,8 +171,8 @@ def train_unet(out: str | Path, steps: int = 20000, batch_size: int = 64, lr: fl
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             target = noise if scheduler.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-            for group in opt.param_groups:  # linear warm-up over the first 200 steps
-                group["lr"] = lr * min(1.0, (step + 1) / 200)
+            for group in opt.param_groups:
+                group["lr"] = lr * learning_rate_factor(step, steps, cooldown)
             with torch.autocast(**autocast):
                 pred = unet(xt, t, encoder_hidden_states=embedder(y.to(dev))).sample
             per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
