@@ -34,8 +34,8 @@ def encoder_levels(unet: torch.nn.Module) -> list[str]:
     ``down{i}.downsample``, then ``mid`` (absent when the UNet has no mid block).
 
     Example:
-        >>> encoder_levels(tiec.demo.load_pipeline().unet)[:4]  # the shipped demo UNet: one resnet per block
-        ['conv_in', 'down0.res0', 'down0.downsample', 'down1.res0']
+        >>> encoder_levels(tiec.demo.load_pipeline().unet)[:5]  # the shipped demo UNet: two resnets per block
+        ['conv_in', 'down0.res0', 'down0.res1', 'down0.downsample', 'down1.res0']
     """
     names = ["conv_in"]
     for i, block in enumerate(unet.down_blocks):

@@ -210,7 +210,7 @@ def train_unet(out: str | Path, steps: int = 20000, batch_size: int = 64, lr: fl
     finally:
         log.close()
     return export_weights(ema, config, out / "unet.safetensors", step=steps, batch_size=batch_size, lr=lr,
-                          ema_decay=ema_decay, seed=seed)
+                          ema_decay=ema_decay, seed=seed, cooldown=cooldown)
 
 
 def train_classifier(out: str | Path, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, device: str = "auto",
