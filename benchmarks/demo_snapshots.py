@@ -4,7 +4,7 @@ For each folder ("shipped" = the weights in the package): N DDIM-50 samples (cla
 guidance 3), their FID against a fixed 500-image subset of the Fashion-MNIST test set (biased upward by the
 small sizes: compare folders with each other only), classifier adherence and frame speckle. With
 ``TIEC_SNAPSHOT_REFERENCE=all`` the FID is against all 10,000 test images (the shipped statistics): with N = 1000,
-issue 14's protocol.
+issue 14's protocol. ``TIEC_SNAPSHOT_GUIDANCE=G`` samples with guidance G instead of the pipeline's default.
 
     python benchmarks/demo_snapshots.py THREADS N shipped RUN/snapshots/001000 ...
 """
@@ -43,8 +43,10 @@ def main() -> None:
                     cap.append(kwargs["latents"].clone())
                 return kwargs
 
+            guidance = os.environ.get("TIEC_SNAPSHOT_GUIDANCE")
+            extra = {} if guidance is None else {"guidance_scale": float(guidance)}
             with torch.no_grad():
-                out = pipe(prompts[start:start + 50], num_inference_steps=STEPS, output_type="np",
+                out = pipe(prompts[start:start + 50], num_inference_steps=STEPS, output_type="np", **extra,
                            generator=[torch.Generator().manual_seed(s) for s in range(start, min(n, start + 50))],
                            callback_on_step_end=keep_last)
             images.append(out.images)
