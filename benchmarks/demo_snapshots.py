@@ -30,6 +30,8 @@ def main() -> None:
     count = None if os.environ.get("TIEC_SNAPSHOT_REFERENCE") == "all" else 500
     (mu, sigma), what = fashion_mnist_reference(net, count)
     print(what, flush=True)
+    guidance = os.environ.get("TIEC_SNAPSHOT_GUIDANCE")
+    extra = {} if guidance is None else {"guidance_scale": float(guidance)}
     for wd in sys.argv[3:]:
         t0 = time.time()
         pipe = load_pipeline(weights_dir=None if wd == "shipped" else wd)
@@ -43,8 +45,6 @@ def main() -> None:
                     cap.append(kwargs["latents"].clone())
                 return kwargs
 
-            guidance = os.environ.get("TIEC_SNAPSHOT_GUIDANCE")
-            extra = {} if guidance is None else {"guidance_scale": float(guidance)}
             with torch.no_grad():
                 out = pipe(prompts[start:start + 50], num_inference_steps=STEPS, output_type="np", **extra,
                            generator=[torch.Generator().manual_seed(s) for s in range(start, min(n, start + 50))],

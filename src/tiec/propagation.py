@@ -277,8 +277,7 @@ class EncoderPropagation(Part):
         run = getattr(self, "_run", None)
         if run is not None:
             self.last_key_steps = tuple(run.key_steps)
-        if run is not None and run.timeline is not None:
-            unused = sum(len(slot.queue) for slot in run.slots.values())
+            unused = sum(len(slot.queue) for slot in run.slots.values()) if run.timeline is not None else 0
             if unused:
                 self.stats["unused_decodes"] += unused
         self._run, self._pending = None, False
