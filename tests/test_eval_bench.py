@@ -247,6 +247,52 @@ def test_bench_end_to_end_resume_and_report(tmp_path, fmnist_dir, monkeypatch):
     assert (out / "images/ddim4/full.npy").is_file()
 
 
+def test_an_interrupted_row_resumes_at_its_next_batch(tmp_path, fmnist_dir, monkeypatch):
+    """A stop inside a row keeps its finished batches: the rerun generates only the others, and its row and images
+    equal those of a run that was never interrupted."""
+    from tiec.eval import generation as G
+
+    pipe = tiny_demo_pipeline()
+    kw = dict(methods="full,reuse", batch_size=1)
+    whole = B.run_bench(settings(tmp_path / "whole", fmnist_dir, **kw), pipe=pipe, extractor=FakeFeatures(),
+                        progress=False)
+    s = settings(tmp_path / "stop", fmnist_dir, **kw)
+    calls, original, armed = [], G._call, [True]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_sixth(*args, **kwargs):  # the reuse row's second image
+        calls.append(args[2])
+        if armed[0] and len(calls) == 6:
+            raise Stop
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(G, "_call", stop_at_sixth)
+    with pytest.raises(Stop):
+        B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    armed[0] = False
+    partial = tmp_path / "stop/out/partial/ddim4-uniform-2/reuse-0.npz"
+    assert partial.is_file()
+    calls.clear()
+    resumed = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert calls == [[1], [2], [3]]  # image 0 of the reuse row came from the partial file
+    assert not (tmp_path / "stop/out/partial").exists()  # the row is stored: its batches are gone
+    for a, b in zip(whole, resumed):
+        for name in ("fid", "psnr", "ssim", "adherence", "gflops_per_image", "key_steps", "stats", "speckle"):
+            assert a[name] == b[name], name
+    for folder in ("ddim4/full", "ddim4-uniform-2/reuse"):
+        np.testing.assert_array_equal(np.load(tmp_path / f"whole/out/images/{folder}.npy"),
+                                      np.load(tmp_path / f"stop/out/images/{folder}.npy"))
+
+    # a partial file of another run (other settings) is ignored, not mixed in
+    s2 = settings(tmp_path / "stop", fmnist_dir, **kw, seed=7)
+    G._save_partial(partial, "another run", G._Partial([np.zeros((1, 28, 28, 1), np.uint8)], [None], [], 1.0))
+    calls.clear()
+    B.run_bench(s2, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert len(calls) == 8 and not partial.exists()
+
+
 def test_bench_results_do_not_depend_on_batch_size(tmp_path, fmnist_dir):
     pipe = tiny_demo_pipeline()
     a = B.run_bench(settings(tmp_path / "a", fmnist_dir, methods="full,reuse", batch_size=4), pipe=pipe,

@@ -27,7 +27,8 @@ from .dist import Dist, merge, shard
 from .fid import FeatureExtractor
 from .metrics import frame_speckle, frechet_distance_to_features, psnr, ssim
 from .generation import Generation, bench_prompts, generate, is_demo, load_model
-from .results import append_row, digest, images_path, latest, load_images, read_rows, save_images
+from .results import (append_row, digest, drop_partial, images_path, latest, load_images, partial_path, read_rows,
+                      save_images)
 from .settings import QUICK, BenchSettings, check_reference_data, check_reference_size, split_schedules
 
 __all__ = ["QUICK", "BenchSettings", "Generation", "bench_prompts", "check_reference_data", "check_reference_size",
@@ -244,9 +245,11 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
                 continue
             pipe.scheduler = M.make_scheduler(item.schedule.sampler, base_scheduler.config)
             mine = shard(settings.num_images, dist.rank, dist.world)
+            partial = partial_path(out_dir, item.label, item.method.name, dist.rank)
             generation = generate(pipe, item.configs, item.schedule.num_steps, prompts, mine, settings.seed,
                                   settings.batch_size, guidance, progress and main,
-                                  f"{item.method.name} {item.label}", keep_samples=demo)
+                                  f"{item.method.name} {item.label}", keep_samples=demo, partial=partial,
+                                  partial_key=f"{key}/{item.row_key}")
             gathered = dist.gather(generation)
             if main:
                 images = merge([(g.indices, g.images) for g in gathered], settings.num_images)
@@ -256,6 +259,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
                     append_row(results_path, row)
                     done[item.row_key] = row
             dist.barrier()
+            drop_partial(partial)  # the row (or its images) is stored: its batches are not needed now
     finally:
         pipe.scheduler = base_scheduler
     if not main:

@@ -7,6 +7,8 @@ on the batch size nor on how the seeds are sharded across processes.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .dist import synchronize
 from .fid import to_uint8
+from .results import atomic_write, digest
 from .settings import BenchSettings
 
 @dataclass
@@ -131,13 +134,18 @@ def unet_flops(counter: Any, pipe: Any) -> int:
 
 def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequence[str], indices: Sequence[int],
              seed: int, batch_size: int, guidance_scale: float | None = None, progress: bool = True,
-             label: str = "", keep_samples: bool = False) -> Generation:
+             label: str = "", keep_samples: bool = False, partial: str | os.PathLike | None = None,
+             partial_key: str = "") -> Generation:
     """Generate the images ``indices`` with ``configs`` applied; time the calls and count the UNet FLOPs.
 
     The first batch is the warm-up: it runs under ``tiec.flops.flop_counter()`` (FLOPs per image = its
     UNet FLOPs / its size) and is not timed. The other batches are timed with the device synchronised;
     with a single batch, it is run once more for the timing. ``keep_samples`` (demo pipelines only): also
     keep each image's uncropped 32x32 sample in ``Generation.samples`` (for ``frame_speckle``).
+
+    ``partial``: a file where everything measured so far is saved after each batch, so that an interrupted
+    row resumes at the next batch (``partial_key`` names the run and row; a file written for another key,
+    other indices or another batch size is ignored). The caller deletes it once the row is stored.
 
     Example:
         >>> configs = [tiec.EncoderPropagationConfig(key_steps="uniform:5")]
@@ -154,17 +162,23 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
         return Generation([], None)
     handle = apply(pipe, *configs) if configs else None
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    out, samples, per_image, gflops, key_steps = [], [], [], None, None
+    key = digest([partial_key, batches], 24)
+    state = _load_partial(partial, key) if partial is not None else None
+    if state is None:
+        state = _Partial()
+    out, samples, per_image = state.images, state.samples, state.seconds_per_image
     try:
         with torch.no_grad():
-            for b, batch in enumerate(tqdm(batches, desc=f"generate {label}".strip(), unit="batch",
-                                           disable=not progress or len(batches) < 2, leave=False)):
+            for b in tqdm(range(len(out), len(batches)), desc=f"generate {label}".strip(), unit="batch",
+                          initial=len(out), total=len(batches), disable=not progress or len(batches) < 2,
+                          leave=False):
+                batch = batches[b]
                 if b == 0:
                     with flop_counter() as counter:
                         images, kept = _call(pipe, prompts, batch, num_steps, seed, guidance_scale, keep_samples)
-                    gflops = unet_flops(counter, pipe) / len(batch) / 1e9
-                    key_steps = next((p.last_key_steps for p in handle.parts if hasattr(p, "last_key_steps")),
-                                     None) if handle is not None else None
+                    state.gflops = unet_flops(counter, pipe) / len(batch) / 1e9
+                    state.key_steps = next((p.last_key_steps for p in handle.parts
+                                            if hasattr(p, "last_key_steps")), None) if handle is not None else None
                 else:
                     synchronize(device)
                     start = time.perf_counter()
@@ -173,15 +187,58 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
                     per_image.append((time.perf_counter() - start) / len(batch))
                 out.append(images)
                 samples.append(kept)
+                state.stats = dict(handle.stats) if handle is not None else {}
+                if partial is not None:
+                    _save_partial(partial, key, state)
             if len(batches) == 1:
                 synchronize(device)
                 start = time.perf_counter()
                 _call(pipe, prompts, batches[0], num_steps, seed, guidance_scale)
                 synchronize(device)
                 per_image.append((time.perf_counter() - start) / len(batches[0]))
-        stats = dict(handle.stats) if handle is not None else {}
     finally:
         if handle is not None:
             handle.remove()
     kept_all = np.concatenate(samples) if keep_samples and all(k is not None for k in samples) else None
-    return Generation(indices, np.concatenate(out), per_image, gflops, stats, kept_all, key_steps)
+    return Generation(indices, np.concatenate(out), per_image, state.gflops, state.stats, kept_all, state.key_steps)
+
+
+@dataclass
+class _Partial:
+    """What ``generate`` has measured after some batches (one entry per batch in ``images`` and ``samples``)."""
+
+    images: list[np.ndarray] = field(default_factory=list)
+    samples: list[np.ndarray | None] = field(default_factory=list)
+    seconds_per_image: list[float] = field(default_factory=list)
+    gflops: float | None = None
+    stats: dict[str, int] = field(default_factory=dict)  # the last call's counters
+    key_steps: tuple[int, ...] | None = None
+
+
+def _save_partial(path: str | os.PathLike, key: str, state: _Partial) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(key=key, batches=len(state.images), seconds_per_image=state.seconds_per_image, gflops=state.gflops,
+                stats=state.stats, key_steps=None if state.key_steps is None else list(state.key_steps),
+                samples=all(s is not None for s in state.samples))
+    arrays = {f"images{i}": a for i, a in enumerate(state.images)}
+    if meta["samples"]:
+        arrays.update({f"samples{i}": a for i, a in enumerate(state.samples)})
+    atomic_write(path, lambda f: np.savez(f, meta=json.dumps(meta), **arrays))
+
+
+def _load_partial(path: str | os.PathLike, key: str) -> _Partial | None:
+    """The batches saved by an interrupted ``generate`` with the same key, or None."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("key") != key:
+                return None
+            n = meta["batches"]
+            images = [data[f"images{i}"] for i in range(n)]
+            samples = [data[f"samples{i}"] if meta["samples"] else None for i in range(n)]
+    except (OSError, ValueError, KeyError):
+        return None
+    key_steps = meta["key_steps"]
+    return _Partial(images, samples, list(meta["seconds_per_image"]), meta["gflops"], dict(meta["stats"]),
+                    None if key_steps is None else tuple(key_steps))

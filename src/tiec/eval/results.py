@@ -128,6 +128,22 @@ def images_path(out_dir: str | os.PathLike, schedule: str, method: str) -> Path:
     return Path(out_dir) / "images" / safe_name(schedule) / f"{safe_name(method)}.npy"
 
 
+def partial_path(out_dir: str | os.PathLike, schedule: str, method: str, rank: int = 0) -> Path:
+    """Where process ``rank`` keeps the batches of an unfinished row: ``OUT/partial/<schedule>/<method>-<rank>.npz``."""
+    return Path(out_dir) / "partial" / safe_name(schedule) / f"{safe_name(method)}-{rank}.npz"
+
+
+def drop_partial(path: str | os.PathLike) -> None:
+    """Delete a ``partial_path`` file, and its folders once they are empty."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    for folder in (path.parent, path.parent.parent):  # OUT/partial/<schedule>, then OUT/partial
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another row's (or process's) batches are still there
+            return
+
+
 def save_images(path: str | os.PathLike, images: np.ndarray, run_key: str | None = None) -> None:
     """Write an image array atomically (temporary file, fsync, rename), then a sidecar naming its run.
 
