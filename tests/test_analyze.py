@@ -14,6 +14,7 @@ from PIL import Image
 import tiec.demo
 from tiec.analyze import decoder_levels, encoder_levels, feature_dynamics, write_dynamics
 from tiec.cli import main
+from tiec.demo.model import DEFAULT_GUIDANCE
 from tiec.flops import decoder_share
 
 from conftest import make_demo_pipe, make_pipe, module_attributes, pipe_inputs, run
@@ -152,7 +153,7 @@ def test_demo_architecture_with_prompts():
     result = feature_dynamics(pipe, ["sneaker", "bag"], num_steps=4, seed=3)
     assert result["encoder_levels"] == DEMO_LEVELS and result["decoder_levels"] == decoder_levels(pipe.unet)
     assert result["prompts"] == ["sneaker", "bag"] and result["seed"] == 3 and result["batch"] == 4
-    assert len(result["steps"]) == 4 and result["guidance_scale"] == 3.0
+    assert len(result["steps"]) == 4 and result["guidance_scale"] == DEFAULT_GUIDANCE
     # The run's own generator: the same seed gives the same numbers, another seed other ones
     again = feature_dynamics(pipe, ["sneaker", "bag"], num_steps=4, seed=3)
     other = feature_dynamics(pipe, ["sneaker", "bag"], num_steps=4, seed=4)

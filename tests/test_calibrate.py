@@ -13,6 +13,7 @@ import tiec
 from tiec import calibrate as C
 from tiec import schedules
 from tiec.cli import main
+from tiec.demo.model import DEFAULT_GUIDANCE
 
 STEPS = 6
 
@@ -124,7 +125,8 @@ def test_table_entry_matches_a_decode_by_hand(demo, demo_calibration, keys, step
                 out = demo.unet(*args, **kwargs)[0]
     finally:
         handle.remove()
-    expected = float((_guided(out, 3.0).double() - _guided(calls[step][2], 3.0).double()).pow(2).mean())
+    g = DEFAULT_GUIDANCE
+    expected = float((_guided(out, g).double() - _guided(calls[step][2], g).double()).pow(2).mean())
     table = calibration.reuse_mse[keys[-1], step] if estimator == "reuse" else \
         calibration.pairs_mse[keys[-2], keys[-1], step]
     assert table == pytest.approx(expected, rel=1e-4)
@@ -135,7 +137,7 @@ def test_store_round_trip_and_reuse_of_matching_inputs(demo, demo_calibration, m
     assert calibration.path.parent == folder and calibration.path.is_file()
     data = json.loads(calibration.path.read_text())
     assert data["meta"]["seeds"] == [C.CALIBRATION_SEED, C.CALIBRATION_SEED + 1]
-    assert data["key"]["guidance_scale"] == 3.0 and data["key"]["scheduler"]["class"] == "DDIMScheduler"
+    assert data["key"]["guidance_scale"] == DEFAULT_GUIDANCE and data["key"]["scheduler"]["class"] == "DDIMScheduler"
     loaded = C.Calibration.from_json(data)
     np.testing.assert_allclose(loaded.reuse_mse, calibration.reuse_mse)
     np.testing.assert_allclose(loaded.pairs_mse, calibration.pairs_mse)
@@ -180,7 +182,7 @@ def test_auto_measures_on_first_use_then_reads_the_store(tmp_path, monkeypatch):
     second, _ = _demo_images(pipe, config)
     assert measured == [STEPS]  # read from the store
     np.testing.assert_array_equal(first, second)  # measuring inside the first call did not disturb it
-    keys = C.load(C.calibration_key(pipe.unet, pipe.scheduler, STEPS, 3.0)).solve(3)
+    keys = C.load(C.calibration_key(pipe.unet, pipe.scheduler, STEPS, DEFAULT_GUIDANCE)).solve(3)
     explicit, _ = _demo_images(pipe, tiec.EncoderPropagationConfig(key_steps=list(keys)))
     np.testing.assert_array_equal(first, explicit)
     assert type(pipe).__name__ == "FashionPipeline" and "__tiec_observers__" not in type(pipe).__dict__

@@ -245,10 +245,11 @@ def _generate(args: argparse.Namespace) -> int:
         if config is not None:  # the demo's DDIM loop has exactly --steps steps: bad key steps fail before loading
             schedules.check(config.key_steps, args.steps)
         from .demo import load_pipeline, parse_prompt
+        from .demo.model import DEFAULT_GUIDANCE
 
         parse_prompt(args.prompt)  # unknown prompts fail before the model loads
         pipe = load_pipeline(device=device)
-        guidance = args.guidance if args.guidance is not None else 3.0
+        guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE
     else:
         from diffusers import DiffusionPipeline
 

@@ -25,7 +25,7 @@ _ALIASES = {"t-shirt": ("t-shirt", "tshirt", "t shirt", "top"), "trouser": ("tro
             "ankle boot": ("ankle boot", "boot")}
 NULL_CLASS = len(CLASSES)  # index of the unconditional embedding used for classifier-free guidance
 IMAGE_SIZE, PADDED_SIZE = 28, 32
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_GUIDANCE = 1.5
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 UNET_CONFIG = dict(
