@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import torch
+from demo_snapshots import sample  # benchmarks/ is the script's folder, first on sys.path
 
-STEPS = 50
 SEED0 = 10_000
 REFERENCE_SIZE = 2_000
 
@@ -47,23 +47,7 @@ def main() -> None:
             stats = reference()
             continue
         t0, guidance = time.time(), float(item)
-        images, samples = [], []
-        for start in range(0, n, 50):
-            cap = []
-
-            def keep_last(pipe, i, t, kwargs):  # the 32x32 sample before the crop, for the speckle figure
-                if i == STEPS - 1:
-                    cap.append(kwargs["latents"].clone())
-                return kwargs
-
-            seeds = range(SEED0 + start, SEED0 + min(n, start + 50))
-            with torch.no_grad():
-                out = pipe(prompts[start:start + 50], num_inference_steps=STEPS, output_type="np",
-                           guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                           callback_on_step_end=keep_last)
-            images.append(out.images)
-            samples.append(((cap[0].float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy())
-        images, samples = np.concatenate(images), np.concatenate(samples)
+        images, samples = sample(pipe, prompts, range(SEED0, SEED0 + n), guidance_scale=guidance)
         features = net((images[..., 0] * 255).round().astype(np.uint8))
         acc = float((np.asarray(classify(images)) == np.array([i % 10 for i in range(n)])).mean())
         rows.append((guidance, features, acc, float(frame_speckle(samples).mean()), time.time() - t0))
