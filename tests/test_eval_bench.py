@@ -293,6 +293,36 @@ def test_an_interrupted_row_resumes_at_its_next_batch(tmp_path, fmnist_dir, monk
     assert len(calls) == 8 and not partial.exists()
 
 
+def test_bench_verdict_reads_the_spread_runs(tmp_path, fmnist_dir):
+    """The plain row on two other seed sets (their own runs) and this run's give the spread in the verdict; a
+    folder with no row of the same protocol is named, and an explicit folder without results is refused."""
+    import statistics
+
+    pipe = tiny_demo_pipeline()
+    for seed in (4, 8):
+        B.run_bench(settings(tmp_path / f"s{seed}", fmnist_dir, rows="full@ddim4:all", seed=seed), pipe=pipe,
+                    extractor=FakeFeatures(), progress=False)
+    B.run_bench(settings(tmp_path / "other", fmnist_dir, rows="full@ddim4:all", seed=4, num_images=2), pipe=pipe,
+                extractor=FakeFeatures(), progress=False)
+    folders = [tmp_path / d / "out" for d in ("s4", "s8", "other")]
+    s = settings(tmp_path, fmnist_dir, rows="full@ddim4:all;full@ddim2:all;reuse@ddim4:uniform:2",
+                 spread_from=",".join(str(f) for f in folders))
+    rows = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    fids = [rows[0]["fid"]] + [read_rows(f / "results.jsonl")[0]["fid"] for f in folders[:2]]
+    lines = (tmp_path / "out" / "report.md").read_text().splitlines()
+    assert lines[2].startswith("**Goal")
+    assert f"Seed-to-seed spread of FID: {statistics.stdev(fids):.2f}" in "\n".join(lines)
+    assert "plain DDIM 4 on seeds 0, 4, 8" in "\n".join(lines)
+    assert f"no plain row of this protocol in {folders[2]}" not in lines[2]  # a spread exists: no note needed
+    s = settings(tmp_path / "pending", fmnist_dir, rows="full@ddim4:all;full@ddim2:all;reuse@ddim4:uniform:2",
+                 spread_from=str(folders[2]))
+    B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    first = (tmp_path / "pending" / "out" / "report.md").read_text().splitlines()[2]
+    assert first.startswith("**Verdict pending**") and f"no plain row of this protocol in {folders[2]}" in first
+    with pytest.raises(ValueError, match="--spread-from .*nowhere: no results.jsonl"):
+        settings(tmp_path, fmnist_dir, spread_from=str(tmp_path / "nowhere"))
+
+
 def test_bench_results_do_not_depend_on_batch_size(tmp_path, fmnist_dir):
     pipe = tiny_demo_pipeline()
     a = B.run_bench(settings(tmp_path / "a", fmnist_dir, methods="full,reuse", batch_size=4), pipe=pipe,

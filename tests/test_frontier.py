@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from tiec.eval.report import (equal_cost_delta, equal_cost_table, fid_at_equal_cost, pareto_front, plain_curve,
-                              plain_curves, write_report)
+from tiec.eval.report import (equal_cost_delta, equal_cost_table, fid_at_equal_cost, fid_spread, pareto_front,
+                              plain_curve, plain_curves, verdict, write_report)
 
 pytestmark = pytest.mark.filterwarnings("ignore:no images under:UserWarning")  # these reports have no grid images
 
@@ -128,3 +128,37 @@ def test_report_without_a_curve_has_no_section_and_no_frontier(tmp_path):
     assert "Equal-cost" not in text and "frontier" not in text
     assert not (tmp_path / "frontier.png").exists()
     assert (tmp_path / "pareto.png").is_file()
+
+
+def _plain(seed, fid, steps=20, n=1000):
+    return {**_row("full", steps, fid, 33.95), "num_images": n, "settings": {"seed": seed}}
+
+
+def test_fid_spread_is_the_sample_deviation_over_disjoint_seed_sets():
+    rows = [_plain(0, 55.2), _plain(1000, 55.9), _plain(2000, 54.8), _plain(1500, 40.0),  # 1500: overlaps
+            _plain(0, 57.0, steps=16), _plain(1000, 58.0, steps=16)]  # two sets only: the larger group wins
+    spread = fid_spread(rows)
+    fids = [55.2, 55.9, 54.8]
+    mean = sum(fids) / 3
+    assert spread["seeds"] == [0, 1000, 2000] and spread["fids"] == fids and spread["num_steps"] == 20
+    assert spread["spread"] == pytest.approx(math.sqrt(sum((f - mean) ** 2 for f in fids) / 2))
+    assert fid_spread([_plain(0, 55.2), _plain(500, 56.0)]) is None  # overlapping sets: one usable
+    assert fid_spread([_plain(0, 55.2)]) is None
+
+
+def test_verdict_opens_the_report_and_judges_against_twice_the_spread(tmp_path):
+    rows = _rows() + [_row("extrapolate", 20, 50.0, 40.0, spec="auto:5"), _row("deepcache", 50, 53.0, 60.0)]
+    # by hand: DDIM at 40 GFLOPs 55.20 + ln(40/33.95)/ln(67.91/33.95) * (52.59 - 55.20) = 54.58: delta -4.58;
+    # DPM at 40: 60 + ln(2)/ln(2.5) * (54 - 60) = 55.46: delta -5.46; DeepCache at 60 GFLOPs: 53.0 - 53.06 = -0.06
+    spread = dict(sampler="ddim", num_steps=20, seeds=[0, 1000, 2000], fids=[55.0, 56.0, 57.0], spread=1.0)
+    met = verdict(rows, spread)
+    assert met[0].startswith("**Goal met**: `extrapolate@ddim20:auto:5`") and "DDIM -4.58, DPM -5.46" in met[0]
+    assert any("tiec's best beats it" in line and "-0.06" in line for line in met)
+    assert verdict(rows, {**spread, "spread": 2.5})[0].startswith("**Goal not met**: no tiec row")  # -4.58 > -5
+    beaten = rows[:-1] + [_row("deepcache", 50, 45.0, 60.0)]  # DeepCache's delta -8.06 beats tiec's -4.58
+    assert "DeepCache's best beats tiec's best" in verdict(beaten, spread)[0]
+    pending = verdict(rows, None, ["run X"])
+    assert pending[0] == "**Verdict pending**: the seed-to-seed spread of FID is not measured (run X)."
+    assert verdict([r for r in rows if r["method"] in ("full", "deepcache")], spread) == []  # no tiec row: none
+    text = write_report(tmp_path, rows, ["sneaker"], spread=spread).read_text().splitlines()
+    assert text[0] == "# tiec bench report" and text[2] == met[0]

@@ -282,7 +282,8 @@ def _bench(args: argparse.Namespace) -> int:
     check_device(args.device)
     _check_data_dir(args.data_dir)
     settings = BenchSettings.create(
-        quick=args.quick, frontier=args.frontier, rows=args.rows, psnr_against=args.psnr_against, model=args.model, methods=args.methods, schedules=args.schedules,
+        quick=args.quick, frontier=args.frontier, rows=args.rows, psnr_against=args.psnr_against,
+        spread_from=args.spread_from, model=args.model, methods=args.methods, schedules=args.schedules,
         noise_injection=args.noise_injection, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
         prompts=args.prompts, clip=args.clip, reference=args.reference, reference_size=args.reference_size,
         device=args.device, out=args.out, guidance_scale=args.guidance, data_dir=args.data_dir,
@@ -505,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "';', each <method>@<sampler><steps>:<key steps>, e.g. 'full@dpm8:all;deepcache@ddim50:every:2'")
     p.add_argument("--psnr-against", default=None, help="compare every row with the full images of this "
                    "<sampler><steps> (e.g. ddim50) instead of its own")
+    p.add_argument("--spread-from", default=None, help="comma-separated --out folders of runs of the same plain "
+                   "rows on disjoint seeds (--seed S): the seed-to-seed spread of FID for the report's verdict "
+                   "(--frontier: runs/spread-1000,runs/spread-2000)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy CPU, 1 is often "
                    "much faster than several)")
     p.add_argument("--no-progress", action="store_true")

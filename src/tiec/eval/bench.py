@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import statistics
 import time
 import warnings
@@ -265,9 +266,37 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
     if not main:
         return []
     rows = [done[item.row_key] for item in items if item.row_key in done]
+    spread, missing = _spread(settings, rows)
     write_report(out_dir, rows, prompts=prompts, seed=settings.seed, columns=settings.grid_columns,
-                 notes=_notes(settings, reference_what, demo, real_speckle))
+                 notes=_notes(settings, reference_what, demo, real_speckle), spread=spread, missing_spread=missing)
     return rows
+
+
+_PROTOCOL = ("model", "guidance_scale", "prompts", "reference", "clip")
+
+
+def _spread(settings: BenchSettings, rows: list[dict]) -> tuple[dict | None, list[str]]:
+    """``fid_spread`` of this run's ``full`` rows and those of the ``spread_from`` runs with the same protocol
+    (model, guidance, prompts, FID reference, images per row), and a note for each folder that holds none yet."""
+    from .report import fid_spread
+
+    plain = [r for r in rows if r["method"] == "full"]
+    if not settings.spread_from or not plain:
+        return None, []
+    same = {k: plain[0]["settings"].get(k) for k in _PROTOCOL}
+    found, missing = list(plain), []
+    for folder in settings.spread_from:
+        theirs = [r for r in read_rows(Path(folder) / "results.jsonl")
+                  if r.get("method") == "full" and r.get("num_images") == settings.num_images
+                  and all(r.get("settings", {}).get(k) == v for k, v in same.items())]
+        if theirs:
+            found += theirs
+            continue
+        named = re.search(r"spread-(\d+)$", folder.rstrip("/"))
+        seed = named.group(1) if named else "S"
+        missing.append(f"no plain row of this protocol in {folder}: run `tiec bench --rows 'full@ddim20:all' "
+                       f"--seed {seed} --out {folder}`" + ("" if named else ", S a seed set disjoint from this run's"))
+    return fid_spread(found), missing
 
 
 def _warn_if_cpu_busy() -> None:

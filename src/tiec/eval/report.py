@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -269,6 +270,127 @@ def equal_cost_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def fid_spread(rows: Sequence[dict]) -> dict[str, Any] | None:
+    """The seed-to-seed spread of FID: the sample standard deviation (n - 1) of one plain row's FID over disjoint
+    seed sets.
+
+    ``rows``: ``full`` rows of runs with the same protocol (model, guidance, prompts, FID reference, images per row)
+    and different ``settings.seed`` (images ``seed .. seed + num_images - 1``). They are grouped by sampler and step
+    count; a row whose seeds overlap those of a row already in its group is left out; the group with the most seed
+    sets (at least 2) gives the spread. None when no group has two.
+
+    Example:
+        >>> rows = [dict(method="full", sampler="ddim", num_steps=20, num_images=1000, fid=f, settings=dict(seed=s))
+        ...         for s, f in [(0, 55.0), (1000, 56.0), (2000, 57.0), (500, 40.0)]]
+        >>> fid_spread(rows)  # seeds 500..1499 overlap the first two sets: left out
+        {'sampler': 'ddim', 'num_steps': 20, 'seeds': [0, 1000, 2000], 'fids': [55.0, 56.0, 57.0], 'spread': 1.0}
+    """
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if r.get("method") != "full" or r.get("fid") is None:
+            continue
+        group = groups.setdefault((r["sampler"], r["num_steps"]), [])
+        seed, n = r["settings"]["seed"], r["num_images"]
+        if all(seed + n <= g["settings"]["seed"] or g["settings"]["seed"] + g["num_images"] <= seed for g in group):
+            group.append(r)
+    if not groups:
+        return None
+    (sampler, steps), group = max(groups.items(), key=lambda item: len(item[1]))
+    if len(group) < 2:
+        return None
+    group = sorted(group, key=lambda g: g["settings"]["seed"])
+    fids = [g["fid"] for g in group]
+    return dict(sampler=sampler, num_steps=steps, seeds=[g["settings"]["seed"] for g in group], fids=fids,
+                spread=statistics.stdev(fids))
+
+
+def _kind(method: str) -> str:
+    """``full``, ``tiec`` (encoder propagation, alone or with ToMe), ``deepcache`` or ``other`` (ToMe alone)."""
+    from .methods import parse_method
+
+    m = parse_method(method)
+    return "full" if m.name == "full" else "tiec" if m.estimator else "deepcache" if m.deepcache else "other"
+
+
+def _best_delta(rows: Sequence[dict], curve: Sequence[tuple[float, float]]) -> tuple[float, dict] | None:
+    scored = [(equal_cost_delta(r, curve), r) for r in rows]
+    return min(((d, r) for d, r in scored if d is not None), key=lambda item: item[0], default=None)
+
+
+def _describe(row: dict, delta: float) -> str:
+    return (f"`{row['method']}@{row['schedule']}` (FID {_num(row.get('fid'))}, {_num(row.get('gflops_per_image'))} "
+            f"GFLOPs/img): {delta:+.2f}")
+
+
+def verdict(rows: Sequence[dict], spread: dict[str, Any] | None, missing: Sequence[str] = ()) -> list[str]:
+    """The frontier's verdict, the report's first lines: is there a tiec row whose equal-cost FID delta is below
+    minus twice the seed-to-seed spread of FID against every plain curve, and does tiec's best delta beat
+    DeepCache's best (both against the DDIM curve, on which DeepCache runs)? [] without plain curves or tiec rows.
+
+    Args:
+        rows: the run's rows.
+        spread: ``fid_spread``'s result, or None when the spread is not measured.
+        missing: how to measure the spread runs that are not there yet (shown when ``spread`` is None).
+
+    Example:
+        >>> rows = [dict(method="full", sampler="ddim", num_steps=n, fid=f, gflops_per_image=g, schedule=f"ddim{n}")
+        ...         for n, f, g in [(10, 60.0, 10.0), (20, 50.0, 20.0)]]
+        >>> rows.append(dict(method="extrapolate", sampler="ddim", num_steps=20, fid=48.0, gflops_per_image=15.0,
+        ...                  schedule="ddim20:auto:5"))
+        >>> print("\\n".join(verdict(rows, dict(sampler="ddim", num_steps=20, seeds=[0, 1000, 2000],
+        ...                                      fids=[50.0, 50.5, 51.0], spread=0.5))))  # doctest: +NORMALIZE_WHITESPACE
+        **Goal met**: `extrapolate@ddim20:auto:5` has an equal-cost FID delta below -2 x spread = -1.00 against every
+        plain curve (DDIM -6.15).
+        - Seed-to-seed spread of FID: 0.50 (sample standard deviation of plain DDIM 20 on seeds 0, 1000, 2000: 50.00,
+        50.50, 51.00).
+        - Best tiec row against the plain DDIM curve: `extrapolate@ddim20:auto:5` (FID 48.00, 15.00 GFLOPs/img): -6.15
+        - No DeepCache rows to compare with.
+    """
+    curves = plain_curves(rows)
+    tiec_rows = [r for r in rows if _kind(r["method"]) == "tiec"]
+    if not curves or not tiec_rows:
+        return []
+    details = []
+    if spread is not None:
+        details.append(f"- Seed-to-seed spread of FID: {spread['spread']:.2f} (sample standard deviation of plain "
+                       f"{_sampler_name(spread['sampler'])} {spread['num_steps']} on seeds "
+                       f"{', '.join(str(s) for s in spread['seeds'])}: {', '.join(f'{f:.2f}' for f in spread['fids'])}).")
+    for name, curve in curves.items():
+        best = _best_delta(tiec_rows, curve)
+        details.append(f"- Best tiec row against the plain {_sampler_name(name)} curve: "
+                       + ("none within its GFLOPs range" if best is None else _describe(best[1], best[0])))
+    reference = "ddim" if "ddim" in curves else next(iter(curves))
+    tiec_best = _best_delta(tiec_rows, curves[reference])
+    deepcache_best = _best_delta([r for r in rows if _kind(r["method"]) == "deepcache"], curves[reference])
+    beats_deepcache = None
+    if deepcache_best is None:
+        details.append("- No DeepCache rows to compare with.")
+    else:
+        beats_deepcache = tiec_best is not None and tiec_best[0] < deepcache_best[0]
+        details.append(f"- Best DeepCache row against the plain {_sampler_name(reference)} curve: "
+                       f"{_describe(deepcache_best[1], deepcache_best[0])}; tiec's best "
+                       f"{'beats' if beats_deepcache else 'does not beat'} it at equal GFLOPs.")
+    if spread is None:
+        how = "; ".join(missing) if missing else "`--spread-from`: runs of the same plain rows on other seeds"
+        head = f"**Verdict pending**: the seed-to-seed spread of FID is not measured ({how})."
+        return [head, *details]
+    margin = 2 * spread["spread"]
+    for r in tiec_rows:
+        deltas = [equal_cost_delta(r, c) for c in curves.values()]
+        if all(d is not None and d < -margin for d in deltas):
+            against = ", ".join(f"{_sampler_name(n)} {d:+.2f}" for n, d in zip(curves, deltas))
+            if beats_deepcache is False:
+                head = (f"**Goal not met**: `{r['method']}@{r['schedule']}` beats every plain curve by more than "
+                        f"2 x spread = {margin:.2f} ({against}), but DeepCache's best beats tiec's best.")
+            else:
+                head = (f"**Goal met**: `{r['method']}@{r['schedule']}` has an equal-cost FID delta below -2 x spread "
+                        f"= {-margin:.2f} against every plain curve ({against}).")
+            return [head, *details]
+    head = (f"**Goal not met**: no tiec row has an equal-cost FID delta below -2 x spread = {-margin:.2f} against "
+            f"every plain curve ({', '.join(_sampler_name(n) for n in curves)}).")
+    return [head, *details]
+
+
 def _figure(width: float, height: float):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -506,11 +628,13 @@ def write_frontier(path: str | os.PathLike, rows: Sequence[dict]) -> None:
 
 
 def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequence[str], seed: int = 0,
-                 columns: int = 8, notes: Sequence[str] = ()) -> Path:
+                 columns: int = 8, notes: Sequence[str] = (), spread: dict[str, Any] | None = None,
+                 missing_spread: Sequence[str] = ()) -> Path:
     """Write ``report.md``, ``grid.png`` and ``pareto.png`` into ``out_dir``; returns the report's path.
 
     When the rows hold ``full`` rows of a sampler at two or more step counts, the report gains the equal-cost
-    comparison (``equal_cost_table``) and ``frontier.png`` is written too.
+    comparison (``equal_cost_table``) and ``frontier.png`` is written too, and with tiec rows it opens with the
+    ``verdict`` (``spread``: ``fid_spread``'s result; ``missing_spread``: how to measure it when it is None).
 
     Example:
         >>> from tiec.eval.results import save_images
@@ -525,6 +649,9 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequ
     out_dir.mkdir(parents=True, exist_ok=True)
     first = rows[0] if rows else {}
     text = ["# tiec bench report", ""]
+    goal = verdict(rows, spread, missing_spread)
+    if goal:
+        text += [*goal, ""]
     if first:
         text += [f"tiec {first.get('tiec')}, torch {first.get('torch')}, diffusers {first.get('diffusers')}; "
                  f"device {first.get('settings', {}).get('device')}, "

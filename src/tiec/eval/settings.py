@@ -22,7 +22,12 @@ FRONTIER_ROWS = (
     "tome@ddim50:all", "tome@ddim20:all",
     *(f"{method}@{schedule}" for schedule in _TIEC_SCHEDULES
       for method in ("reuse", "extrapolate", "extrapolate+order2", "interpolate")))
-FRONTIER = dict(rows=FRONTIER_ROWS, psnr_against="ddim50", out="runs/frontier")
+# The seed spread of FID (the frontier's goal is judged against twice it): the frontier's own DDIM-20 plain row (seeds
+# 0..999) and the same row on two disjoint seed sets, ``tiec bench --rows 'full@ddim20:all' --seed S --out
+# runs/spread-S`` for S = 1000 and 2000. Folders that do not exist yet are named in the report.
+SPREAD_SEEDS = (1000, 2000)
+FRONTIER = dict(rows=FRONTIER_ROWS, psnr_against="ddim50", out="runs/frontier",
+                spread_from=tuple(f"runs/spread-{s}" for s in SPREAD_SEEDS))
 
 QUICK = dict(methods=M.CORE_METHODS, schedules=("ddim20:uniform:5",), num_images=40, batch_size=10,
              reference_size=500)
@@ -60,6 +65,8 @@ class BenchSettings:
             of every method on every schedule; a ``full`` row is added for each sampler and step count used.
         psnr_against: compare every row's images with the ``full`` images of this ``<sampler><steps>`` (e.g.
             ``ddim50``) instead of those of its own sampler and step count.
+        spread_from: output folders of runs of the same protocol on other seeds: their ``full`` rows and this run's
+            give the seed-to-seed spread of FID that the report's verdict uses (``report.fid_spread``).
         grid_columns: seeds shown in ``grid.png``.
 
     Example:
@@ -92,6 +99,7 @@ class BenchSettings:
     grid_columns: int = 8
     rows: tuple[str, ...] = ()
     psnr_against: str | None = None
+    spread_from: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("num_images", "batch_size", "grid_columns", "deepcache_interval"):
@@ -115,11 +123,19 @@ class BenchSettings:
         if self.psnr_against is not None:
             base = M.parse_schedule(f"{self.psnr_against}:all").base
             object.__setattr__(self, "psnr_against", base)
+        spread = self.spread_from.split(",") if isinstance(self.spread_from, str) else self.spread_from
+        object.__setattr__(self, "spread_from", tuple(str(p).strip() for p in spread if str(p).strip()))
 
     @classmethod
     def create(cls, quick: bool = False, frontier: bool = False, **given: Any) -> "BenchSettings":
         """Settings from the options actually given (None = not given); ``quick``/``frontier`` fill the others."""
         given = {k: v for k, v in given.items() if v is not None}
+        if "spread_from" in given:  # folders the user names must hold results (the preset's may not exist yet)
+            spread = given["spread_from"]
+            for folder in spread.split(",") if isinstance(spread, str) else spread:
+                if folder.strip() and not (Path(folder.strip()) / "results.jsonl").is_file():
+                    raise ValueError(f"--spread-from {folder.strip()}: no results.jsonl there; give the --out folder "
+                                     f"of a finished run of the same rows on other seeds")
         if frontier:
             given = {**FRONTIER, **given}
         if quick:
