@@ -323,6 +323,43 @@ def test_bench_verdict_reads_the_spread_runs(tmp_path, fmnist_dir):
         settings(tmp_path, fmnist_dir, spread_from=str(tmp_path / "nowhere"))
 
 
+def test_default_guidance_is_part_of_the_run_by_value(tmp_path, fmnist_dir, monkeypatch):
+    """A run with the pipeline's default guidance records its value, and is the same run as one asking for that
+    value; a run asking for another guidance is another run (nothing of the first is reused)."""
+    from tiec.demo.model import DEFAULT_GUIDANCE
+
+    pipe = tiny_demo_pipeline()
+    first = B.run_bench(settings(tmp_path, fmnist_dir, methods="full"), pipe=pipe, extractor=FakeFeatures(),
+                        progress=False)
+    assert first[0]["settings"]["guidance_scale"] == DEFAULT_GUIDANCE
+    calls = []
+    original = B.generate
+    monkeypatch.setattr(B, "generate", lambda *a, **k: calls.append(a) or original(*a, **k))
+    same = B.run_bench(settings(tmp_path, fmnist_dir, methods="full", guidance_scale=DEFAULT_GUIDANCE), pipe=pipe,
+                       extractor=FakeFeatures(), progress=False)
+    assert calls == [] and same[0]["run_key"] == first[0]["run_key"]
+    other = B.run_bench(settings(tmp_path, fmnist_dir, methods="full", guidance_scale=DEFAULT_GUIDANCE + 1),
+                        pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert len(calls) == 1 and other[0]["run_key"] != first[0]["run_key"]
+
+
+def test_demo_fingerprint_follows_the_weights_content_not_the_file_date(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from tiec.demo import model
+    from tiec.eval.generation import load_model
+
+    shipped = load_model("demo", torch.device("cpu"))[1]
+    copy = tmp_path / "weights"
+    shutil.copytree(model.WEIGHTS_DIR, copy)
+    os.utime(copy / "unet.safetensors", (0, 0))  # a reinstall: same bytes, another date
+    monkeypatch.setattr(model, "WEIGHTS_DIR", copy)
+    assert load_model("demo", torch.device("cpu"))[1] == shipped
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")  # other content
+    assert load_model("demo", torch.device("cpu"))[1] != shipped
+
+
 def test_bench_results_do_not_depend_on_batch_size(tmp_path, fmnist_dir):
     pipe = tiny_demo_pipeline()
     a = B.run_bench(settings(tmp_path / "a", fmnist_dir, methods="full,reuse", batch_size=4), pipe=pipe,

@@ -208,6 +208,10 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
     demo = is_demo(pipe)
     prompts = bench_prompts(settings, pipe)
     guidance = settings.guidance_scale
+    if guidance is None:  # the pipeline's own default, by value: part of the run's identity, so a run resumed after
+        from ..calibrate import default_guidance  # the default changed starts afresh instead of mixing the two
+
+        guidance = default_guidance(pipe)
     out_dir = Path(settings.out)
     results_path = out_dir / "results.jsonl"
 

@@ -7,6 +7,7 @@ on the batch size nor on how the seeds are sharded across processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -55,9 +56,12 @@ def load_model(spec: str, device: torch.device) -> tuple[Any, str]:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--model demo: {e}. While the demo weights are missing, "
                                     f"--model demo-random benchmarks the same architecture with random weights") from None
-        weights = WEIGHTS_DIR / "unet.safetensors"
-        stat = weights.stat()
-        return pipe, f"demo:{stat.st_size}:{int(stat.st_mtime)}"
+        # by content, not by file date: a reinstall or a copy of the same weights resumes the same runs
+        sha = hashlib.sha256()
+        for name in ("unet.safetensors", "config.json"):
+            path = WEIGHTS_DIR / name
+            sha.update(path.read_bytes() if path.is_file() else b"")
+        return pipe, f"demo:sha256:{sha.hexdigest()[:20]}"
     if spec == "demo-random":
         from ..demo.model import build_pipeline
 
