@@ -249,7 +249,7 @@ def test_bench_end_to_end_resume_and_report(tmp_path, fmnist_dir, monkeypatch):
 
 def test_an_interrupted_row_resumes_at_its_next_batch(tmp_path, fmnist_dir, monkeypatch):
     """A stop inside a row keeps its finished batches: the rerun generates only the others, and its row and images
-    equal those of a run that was never interrupted."""
+    equal those of a run that was never interrupted; the first batch after the resume is a warm-up, not timed."""
     from tiec.eval import generation as G
 
     pipe = tiny_demo_pipeline()
@@ -257,26 +257,27 @@ def test_an_interrupted_row_resumes_at_its_next_batch(tmp_path, fmnist_dir, monk
     whole = B.run_bench(settings(tmp_path / "whole", fmnist_dir, **kw), pipe=pipe, extractor=FakeFeatures(),
                         progress=False)
     s = settings(tmp_path / "stop", fmnist_dir, **kw)
-    calls, original, armed = [], G._call, [True]
+    calls, original, stop_at = [], G._call, [7]
 
     class Stop(Exception):
         pass
 
-    def stop_at_sixth(*args, **kwargs):  # the reuse row's second image
+    def stopping(*args, **kwargs):
         calls.append(args[2])
-        if armed[0] and len(calls) == 6:
+        if len(calls) == stop_at[0]:
             raise Stop
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(G, "_call", stop_at_sixth)
-    with pytest.raises(Stop):
+    monkeypatch.setattr(G, "_call", stopping)
+    with pytest.raises(Stop):  # at the reuse row's third image: images 0 (warm-up) and 1 (timed) are kept
         B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
-    armed[0] = False
     partial = tmp_path / "stop/out/partial/ddim4-uniform-2/reuse-0.npz"
     assert partial.is_file()
     calls.clear()
+    stop_at[0] = None
     resumed = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
-    assert calls == [[1], [2], [3]]  # image 0 of the reuse row came from the partial file
+    assert calls == [[2], [3]]
+    assert resumed[1]["settings"]["timed_batches"] == 2  # image 1 from the file, image 3; image 2 warmed up
     assert not (tmp_path / "stop/out/partial").exists()  # the row is stored: its batches are gone
     for a, b in zip(whole, resumed):
         for name in ("fid", "psnr", "ssim", "adherence", "gflops_per_image", "key_steps", "stats", "speckle"):
@@ -285,12 +286,31 @@ def test_an_interrupted_row_resumes_at_its_next_batch(tmp_path, fmnist_dir, monk
         np.testing.assert_array_equal(np.load(tmp_path / f"whole/out/images/{folder}.npy"),
                                       np.load(tmp_path / f"stop/out/images/{folder}.npy"))
 
-    # a partial file of another run (other settings) is ignored, not mixed in
-    s2 = settings(tmp_path / "stop", fmnist_dir, **kw, seed=7)
-    G._save_partial(partial, "another run", G._Partial([np.zeros((1, 28, 28, 1), np.uint8)], [None], [], 1.0))
+    # batches of another run (here: seed 0, stopped) in the folder are never mixed into this one (seed 7)
     calls.clear()
-    B.run_bench(s2, pipe=pipe, extractor=FakeFeatures(), progress=False)
-    assert len(calls) == 8 and not partial.exists()
+    stop_at[0] = 7
+    with pytest.raises(Stop):
+        B.run_bench(settings(tmp_path / "mixed", fmnist_dir, **kw), pipe=pipe, extractor=FakeFeatures(),
+                    progress=False)
+    calls.clear()
+    stop_at[0] = None
+    B.run_bench(settings(tmp_path / "mixed", fmnist_dir, **kw, seed=7), pipe=pipe, extractor=FakeFeatures(),
+                progress=False)
+    assert calls == [[0], [1], [2], [3]] * 2  # every image of both rows generated: seed 0's batches ignored
+
+    # timings from another thread count are dropped on resume, the images kept
+    calls.clear()
+    stop_at[0] = 7
+    third = settings(tmp_path / "third", fmnist_dir, **kw)
+    with pytest.raises(Stop):
+        B.run_bench(third, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    calls.clear()
+    stop_at[0] = None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 99)
+    with warnings.catch_warnings():  # on a busy CPU: the warning that 99 threads stall each other
+        warnings.simplefilter("ignore", UserWarning)
+        rows = B.run_bench(third, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert calls == [[2], [3]] and rows[1]["settings"]["timed_batches"] == 1
 
 
 def test_bench_verdict_reads_the_spread_runs(tmp_path, fmnist_dir):
@@ -302,23 +322,25 @@ def test_bench_verdict_reads_the_spread_runs(tmp_path, fmnist_dir):
     for seed in (4, 8):
         B.run_bench(settings(tmp_path / f"s{seed}", fmnist_dir, rows="full@ddim4:all", seed=seed), pipe=pipe,
                     extractor=FakeFeatures(), progress=False)
-    B.run_bench(settings(tmp_path / "other", fmnist_dir, rows="full@ddim4:all", seed=4, num_images=2), pipe=pipe,
-                extractor=FakeFeatures(), progress=False)
+    B.run_bench(settings(tmp_path / "other", fmnist_dir, rows="full@ddim4:all", seed=12, num_images=2), pipe=pipe,
+                extractor=FakeFeatures(), progress=False)  # disjoint seeds, but 2 images per row: another protocol
     folders = [tmp_path / d / "out" for d in ("s4", "s8", "other")]
     s = settings(tmp_path, fmnist_dir, rows="full@ddim4:all;full@ddim2:all;reuse@ddim4:uniform:2",
                  spread_from=",".join(str(f) for f in folders))
     rows = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
     fids = [rows[0]["fid"]] + [read_rows(f / "results.jsonl")[0]["fid"] for f in folders[:2]]
     lines = (tmp_path / "out" / "report.md").read_text().splitlines()
-    assert lines[2].startswith("**Goal")
-    assert f"Seed-to-seed spread of FID: {statistics.stdev(fids):.2f}" in "\n".join(lines)
-    assert "plain DDIM 4 on seeds 0, 4, 8" in "\n".join(lines)
-    assert f"no plain row of this protocol in {folders[2]}" not in lines[2]  # a spread exists: no note needed
+    text = "\n".join(lines)
+    assert lines[2].startswith("**Verdict pending**: no plain DPM curve")  # only DDIM rows in this run
+    assert f"Seed-to-seed spread of FID: {statistics.stdev(fids):.2f}" in text
+    assert "plain DDIM 4 on seeds 0, 4, 8" in text  # the 2-image run (seed 12) is not of this protocol
+    assert f"no plain row of this protocol in {folders[2]}" in text
     s = settings(tmp_path / "pending", fmnist_dir, rows="full@ddim4:all;full@ddim2:all;reuse@ddim4:uniform:2",
                  spread_from=str(folders[2]))
     B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
-    first = (tmp_path / "pending" / "out" / "report.md").read_text().splitlines()[2]
-    assert first.startswith("**Verdict pending**") and f"no plain row of this protocol in {folders[2]}" in first
+    pending = (tmp_path / "pending" / "out" / "report.md").read_text()
+    assert pending.splitlines()[2].startswith("**Verdict pending**: the seed-to-seed spread of FID needs 3")
+    assert f"no plain row of this protocol in {folders[2]}" in pending
     with pytest.raises(ValueError, match="--spread-from .*nowhere: no results.jsonl"):
         settings(tmp_path, fmnist_dir, spread_from=str(tmp_path / "nowhere"))
 

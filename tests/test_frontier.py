@@ -158,7 +158,17 @@ def test_verdict_opens_the_report_and_judges_against_twice_the_spread(tmp_path):
     beaten = rows[:-1] + [_row("deepcache", 50, 45.0, 60.0)]  # DeepCache's delta -8.06 beats tiec's -4.58
     assert "DeepCache's best beats tiec's best" in verdict(beaten, spread)[0]
     pending = verdict(rows, None, ["run X"])
-    assert pending[0] == "**Verdict pending**: the seed-to-seed spread of FID is not measured (run X)."
+    assert pending[0] == "**Verdict pending**: the seed-to-seed spread of FID needs 3 disjoint seed sets of one plain row."
+    assert "- Spread run missing: run X." in pending
+    two = {**spread, "seeds": [0, 1000], "fids": [55.0, 56.0]}
+    assert verdict(rows, two)[0].startswith("**Verdict pending**: the seed-to-seed spread of FID needs 3 disjoint "
+                                            "seed sets of one plain row, it has 2")
+    no_dpm = [r for r in rows if r["sampler"] != "dpm"]
+    assert verdict(no_dpm, spread)[0] == ("**Verdict pending**: no plain DPM curve (`full` rows at two or more step "
+                                          "counts).")
+    no_deepcache = [r for r in rows if r["method"] != "deepcache"] + [_row("deepcache", 50, 40.0, 90.0)]  # too dear
+    assert verdict(no_deepcache, spread)[0] == ("**Verdict pending**: no DeepCache row within the DDIM curve's "
+                                                "GFLOPs range.")
     assert verdict([r for r in rows if r["method"] in ("full", "deepcache")], spread) == []  # no tiec row: none
     text = write_report(tmp_path, rows, ["sneaker"], spread=spread).read_text().splitlines()
     assert text[0] == "# tiec bench report" and text[2] == met[0]

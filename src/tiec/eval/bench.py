@@ -236,7 +236,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
     key = run_key(settings, fingerprint, prompts, fid_name, guidance)
     done = dist.broadcast(latest(read_rows(results_path), key) if main else None)
     context = _Run(settings, prompts, demo, extractor, reference, reference_what, clip_scorer, out_dir, key, guidance,
-                   dist)
+                   dist, fingerprint, fid_name)
 
     base_scheduler = pipe.scheduler
     try:
@@ -246,11 +246,12 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
             if item.row_key in done:  # images of finished rows are kept for PSNR/SSIM and the grid
                 decision = "images" if load_images(path, key) is None else "skip"
             decision = dist.broadcast(decision if main else None)
+            partial = partial_path(out_dir, item.label, item.method.name, dist.rank)
             if decision == "skip":
+                drop_partial(partial)  # left by a stop between storing the row and deleting its batches
                 continue
             pipe.scheduler = M.make_scheduler(item.schedule.sampler, base_scheduler.config)
             mine = shard(settings.num_images, dist.rank, dist.world)
-            partial = partial_path(out_dir, item.label, item.method.name, dist.rank)
             generation = generate(pipe, item.configs, item.schedule.num_steps, prompts, mine, settings.seed,
                                   settings.batch_size, guidance, progress and main,
                                   f"{item.method.name} {item.label}", keep_samples=demo, partial=partial,
@@ -270,7 +271,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
     if not main:
         return []
     rows = [done[item.row_key] for item in items if item.row_key in done]
-    spread, missing = _spread(settings, rows)
+    spread, missing = _spread(settings, rows, fingerprint, fid_name)
     write_report(out_dir, rows, prompts=prompts, seed=settings.seed, columns=settings.grid_columns,
                  notes=_notes(settings, reference_what, demo, real_speckle), spread=spread, missing_spread=missing)
     return rows
@@ -279,18 +280,21 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
 _PROTOCOL = ("model", "guidance_scale", "prompts", "reference", "clip")
 
 
-def _spread(settings: BenchSettings, rows: list[dict]) -> tuple[dict | None, list[str]]:
+def _spread(settings: BenchSettings, rows: list[dict], fingerprint: str,
+            fid_name: str | None) -> tuple[dict | None, list[str]]:
     """``fid_spread`` of this run's ``full`` rows and those of the ``spread_from`` runs with the same protocol
-    (model, guidance, prompts, FID reference, images per row), and a note for each folder that holds none yet."""
+    (weights, guidance, prompts, FID network and reference, images per row; the last row of each wins), and a note
+    for each folder that holds none yet."""
     from .report import fid_spread
 
     plain = [r for r in rows if r["method"] == "full"]
     if not settings.spread_from or not plain:
         return None, []
-    same = {k: plain[0]["settings"].get(k) for k in _PROTOCOL}
+    same = {**{k: plain[0]["settings"].get(k) for k in _PROTOCOL}, "fingerprint": fingerprint, "fid_network": fid_name}
     found, missing = list(plain), []
     for folder in settings.spread_from:
-        theirs = [r for r in read_rows(Path(folder) / "results.jsonl")
+        last = {(r.get("run_key"), r.get("row_key")): r for r in read_rows(Path(folder) / "results.jsonl")}
+        theirs = [r for r in last.values()
                   if r.get("method") == "full" and r.get("num_images") == settings.num_images
                   and all(r.get("settings", {}).get(k) == v for k, v in same.items())]
         if theirs:
@@ -348,6 +352,8 @@ class _Run:
     key: str
     guidance: float | None
     dist: Dist
+    fingerprint: str = ""
+    fid_name: str | None = None
 
 
 def _key_steps(item: _Item, generation: Generation | None) -> list[int] | None:
@@ -399,7 +405,8 @@ def _row(run: _Run, item: _Item, images: np.ndarray, gathered: list[Generation])
         "settings": {"model": settings.model, "seed": settings.seed, "guidance_scale": run.guidance,
                      "batch_size": settings.batch_size, "prompts": settings.prompts, "reference": run.reference_what,
                      "clip": settings.clip, "quick": settings.quick, "processes": dist.world,
-                     "device": str(dist.device), "threads": torch.get_num_threads(), "timed_batches": len(timings)},
+                     "device": str(dist.device), "threads": torch.get_num_threads(), "timed_batches": len(timings),
+                     "fingerprint": run.fingerprint, "fid_network": run.fid_name},
         **versions(),
         "run_key": key,
         "row_key": item.row_key,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -149,7 +150,9 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
 
     ``partial``: a file where everything measured so far is saved after each batch, so that an interrupted
     row resumes at the next batch (``partial_key`` names the run and row; a file written for another key,
-    other indices or another batch size is ignored). The caller deletes it once the row is stored.
+    other indices or another batch size is ignored; its timings are dropped when the device or thread count
+    differ). The first batch after a resume is a warm-up again, not timed; a row left without a timed batch
+    times its last batch once more. The caller deletes the file once the row is stored.
 
     Example:
         >>> configs = [tiec.EncoderPropagationConfig(key_steps="uniform:5")]
@@ -167,17 +170,24 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
     handle = apply(pipe, *configs) if configs else None
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     key = digest([partial_key, batches], 24)
+    where = f"{device}/{torch.get_num_threads()} threads"
     state = _load_partial(partial, key) if partial is not None else None
     if state is None:
-        state = _Partial()
+        state = _Partial(where=where)
+    elif state.where != where:  # the images stand; timings on another device or thread count do not
+        state.seconds_per_image, state.where = [], where
     out, samples, per_image = state.images, state.samples, state.seconds_per_image
+    resumed = len(out) > 0
     try:
         with torch.no_grad():
             for b in tqdm(range(len(out), len(batches)), desc=f"generate {label}".strip(), unit="batch",
                           initial=len(out), total=len(batches), disable=not progress or len(batches) < 2,
                           leave=False):
                 batch = batches[b]
-                if b == 0:
+                if resumed:  # a fresh process: its first call is a warm-up like batch 0, not a timing
+                    images, kept = _call(pipe, prompts, batch, num_steps, seed, guidance_scale, keep_samples)
+                    resumed = False
+                elif b == 0:
                     with flop_counter() as counter:
                         images, kept = _call(pipe, prompts, batch, num_steps, seed, guidance_scale, keep_samples)
                     state.gflops = unet_flops(counter, pipe) / len(batch) / 1e9
@@ -194,12 +204,12 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
                 state.stats = dict(handle.stats) if handle is not None else {}
                 if partial is not None:
                     _save_partial(partial, key, state)
-            if len(batches) == 1:
+            if not per_image:  # one batch, or a resume left none timed: time the last batch once more
                 synchronize(device)
                 start = time.perf_counter()
-                _call(pipe, prompts, batches[0], num_steps, seed, guidance_scale)
+                _call(pipe, prompts, batches[-1], num_steps, seed, guidance_scale)
                 synchronize(device)
-                per_image.append((time.perf_counter() - start) / len(batches[0]))
+                per_image.append((time.perf_counter() - start) / len(batches[-1]))
     finally:
         if handle is not None:
             handle.remove()
@@ -217,12 +227,14 @@ class _Partial:
     gflops: float | None = None
     stats: dict[str, int] = field(default_factory=dict)  # the last call's counters
     key_steps: tuple[int, ...] | None = None
+    where: str = ""  # device and thread count of the timings
 
 
 def _save_partial(path: str | os.PathLike, key: str, state: _Partial) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(key=key, batches=len(state.images), seconds_per_image=state.seconds_per_image, gflops=state.gflops,
+    meta = dict(key=key, where=state.where, batches=len(state.images), seconds_per_image=state.seconds_per_image,
+                gflops=state.gflops,
                 stats=state.stats, key_steps=None if state.key_steps is None else list(state.key_steps),
                 samples=all(s is not None for s in state.samples))
     arrays = {f"images{i}": a for i, a in enumerate(state.images)}
@@ -241,8 +253,8 @@ def _load_partial(path: str | os.PathLike, key: str) -> _Partial | None:
             n = meta["batches"]
             images = [data[f"images{i}"] for i in range(n)]
             samples = [data[f"samples{i}"] if meta["samples"] else None for i in range(n)]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, torn or foreign: start afresh
         return None
     key_steps = meta["key_steps"]
     return _Partial(images, samples, list(meta["seconds_per_image"]), meta["gflops"], dict(meta["stats"]),
-                    None if key_steps is None else tuple(key_steps))
+                    None if key_steps is None else tuple(key_steps), meta.get("where", ""))
