@@ -374,20 +374,19 @@ def verdict(rows: Sequence[dict], spread: dict[str, Any] | None, missing: Sequen
     details += [f"- Spread run missing: {m}." for m in missing]
     if not missing and spread is None:
         details.append("- Spread runs: `--spread-from DIR,...`, runs of the same plain row on other seeds.")
-    for name, curve in curves.items():
-        best = _best_delta(tiec_rows, curve)
+    tiec_best = {name: _best_delta(tiec_rows, curve) for name, curve in curves.items()}
+    for name, best in tiec_best.items():
         details.append(f"- Best tiec row against the plain {_sampler_name(name)} curve: "
                        + ("none within its GFLOPs range" if best is None else _describe(best[1], best[0])))
     pending += [f"no plain {_sampler_name(n)} curve (`full` rows at two or more step counts)"
                 for n in REQUIRED_CURVES if n not in curves]
     beats_deepcache = None
     if "ddim" in curves:
-        tiec_best = _best_delta(tiec_rows, curves["ddim"])
         deepcache_best = _best_delta([r for r in rows if _kind(r["method"]) == "deepcache"], curves["ddim"])
         if deepcache_best is None:
             pending.append("no DeepCache row within the DDIM curve's GFLOPs range")
         else:
-            beats_deepcache = tiec_best is not None and tiec_best[0] < deepcache_best[0]
+            beats_deepcache = tiec_best["ddim"] is not None and tiec_best["ddim"][0] < deepcache_best[0]
             details.append(f"- Best DeepCache row against the plain DDIM curve: "
                            f"{_describe(deepcache_best[1], deepcache_best[0])}; tiec's best "
                            f"{'beats' if beats_deepcache else 'does not beat'} it at equal GFLOPs.")

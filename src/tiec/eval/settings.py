@@ -130,17 +130,17 @@ class BenchSettings:
     def create(cls, quick: bool = False, frontier: bool = False, **given: Any) -> "BenchSettings":
         """Settings from the options actually given (None = not given); ``quick``/``frontier`` fill the others."""
         given = {k: v for k, v in given.items() if v is not None}
-        if "spread_from" in given:  # folders the user names must hold results (the preset's may not exist yet)
-            spread = given["spread_from"]
-            for folder in spread.split(",") if isinstance(spread, str) else spread:
-                if folder.strip() and not (Path(folder.strip()) / "results.jsonl").is_file():
-                    raise ValueError(f"--spread-from {folder.strip()}: no results.jsonl there; give the --out folder "
-                                     f"of a finished run of the same rows on other seeds")
+        named_spread = "spread_from" in given
         if frontier:
             given = {**FRONTIER, **given}
         if quick:
             given = {**QUICK, **given}
-        return cls(quick=quick, **given)
+        settings = cls(quick=quick, **given)
+        for folder in settings.spread_from if named_spread else ():  # the preset's folders may not exist yet
+            if not (Path(folder) / "results.jsonl").is_file():
+                raise ValueError(f"--spread-from {folder}: no results.jsonl there; give the --out folder of a "
+                                 f"finished run of the same rows on other seeds")
+        return settings
 
 
 def canonical_row(text: str) -> str:
