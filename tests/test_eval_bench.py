@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,6 +315,33 @@ def test_an_interrupted_row_resumes_at_its_next_batch(tmp_path, fmnist_dir, monk
     assert calls == [[2], [3]] and rows[1]["settings"]["timed_batches"] == 1
 
 
+def test_a_row_another_run_finishes_meanwhile_is_skipped(tmp_path, fmnist_dir, monkeypatch):
+    """Two runs of one protocol on one OUT share the work: a row that the other run stores while this one is busy
+    is not generated again, and this run's rows and report include it."""
+    pipe = tiny_demo_pipeline()
+    other = B.run_bench(settings(tmp_path / "other", fmnist_dir, methods="full,extrapolate"), pipe=pipe,
+                        extractor=FakeFeatures(), progress=False)
+    mine = settings(tmp_path / "mine", fmnist_dir, methods="full,reuse,extrapolate")
+    out, labels, original = Path(mine.out), [], B.generate
+
+    def generate(*args, **kwargs):
+        labels.append(args[9])
+        if len(labels) == 1:  # the other run stores its extrapolate row (images first, then the line)
+            target = out / "images/ddim4-uniform-2"
+            target.mkdir(parents=True)
+            for name in ("extrapolate.npy", "extrapolate.json"):
+                shutil.copy(tmp_path / "other/out/images/ddim4-uniform-2" / name, target / name)
+            with open(out / "results.jsonl", "a") as f:
+                f.write(json.dumps(other[1]) + "\n")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(B, "generate", generate)
+    rows = B.run_bench(mine, pipe=pipe, extractor=FakeFeatures(), progress=False)
+    assert labels == ["full ddim4", "reuse ddim4:uniform:2"]
+    assert [r["method"] for r in rows] == ["full", "reuse", "extrapolate"] and rows[2] == other[1]
+    assert "| extrapolate |" in (out / "report.md").read_text()
+
+
 def test_bench_verdict_reads_the_spread_runs(tmp_path, fmnist_dir):
     """The plain row on two other seed sets (their own runs) and this run's give the spread in the verdict; a
     folder with no row of the same protocol is named, and an explicit folder without results is refused."""
@@ -548,9 +577,10 @@ def test_explicit_rows_psnr_against_and_deepcache_intervals(tmp_path, fmnist_dir
 def test_frontier_preset_and_row_errors():
     s = B.BenchSettings.create(frontier=True)
     keys = [i.row_key.split("#")[0] for i in B.plan(s)]
-    assert keys[0] == "full@ddim50" and len(keys) == len(set(keys)) == 54
+    assert keys[0] == "full@ddim50" and len(keys) == len(set(keys)) == 59
     for needed in ("full@dpm6", "deepcache@ddim50:every:5", "tome@ddim50", "extrapolate+order2@ddim20:auto:5",
-                   "interpolate@dpm20:uniform:5", "reuse@ddim50:adaptive:0.1", "reuse@ddim50:faster-diffusion"):
+                   "interpolate@dpm20:uniform:5", "reuse@ddim50:adaptive:0.1", "reuse@ddim50:faster-diffusion",
+                   "reuse+noise@ddim50:faster-diffusion", "extrapolate+noise@dpm20:auto:5"):
         assert needed in keys
     with pytest.raises(ValueError, match="expected <method>@"):
         B.BenchSettings(rows=("reuse",))

@@ -3,8 +3,9 @@
 Image ``i`` is generated from prompt ``i`` (cycling through the prompts) with its own generator seeded
 ``seed + i``, so results depend neither on the batch size nor on how the seeds are sharded across
 processes. Each finished (method, schedule) row is appended to ``OUT/results.jsonl`` at once; a rerun with
-the same arguments skips the rows already there. Images are kept in ``OUT/images/<schedule>/<method>.npy``
-(uint8; every metric is computed on these quantised images).
+the same arguments skips the rows already there. The file is read again before each row, so several runs of the
+same protocol on one ``OUT`` (say the frontier's rows in opposite orders) skip what the others finished. Images
+are kept in ``OUT/images/<schedule>/<method>.npy`` (uint8; every metric is computed on these quantised images).
 """
 
 from __future__ import annotations
@@ -243,6 +244,8 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
         for item in tqdm(items, desc="bench rows", unit="row", disable=not (progress and main)):
             path = images_path(out_dir, item.label, item.method.name)
             decision = "run"
+            if main:  # another run of this protocol on the same OUT may have finished rows meanwhile
+                done.update(latest(read_rows(results_path), key))
             if item.row_key in done:  # images of finished rows are kept for PSNR/SSIM and the grid
                 decision = "images" if load_images(path, key) is None else "skip"
             decision = dist.broadcast(decision if main else None)
@@ -270,6 +273,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
         pipe.scheduler = base_scheduler
     if not main:
         return []
+    done.update(latest(read_rows(results_path), key))
     rows = [done[item.row_key] for item in items if item.row_key in done]
     spread, missing = _spread(settings, rows, fingerprint, fid_name)
     write_report(out_dir, rows, prompts=prompts, seed=settings.seed, columns=settings.grid_columns,

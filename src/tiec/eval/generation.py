@@ -14,7 +14,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -194,27 +194,31 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
                     state.key_steps = next((p.last_key_steps for p in handle.parts
                                             if hasattr(p, "last_key_steps")), None) if handle is not None else None
                 else:
-                    synchronize(device)
-                    start = time.perf_counter()
-                    images, kept = _call(pipe, prompts, batch, num_steps, seed, guidance_scale, keep_samples)
-                    synchronize(device)
-                    per_image.append((time.perf_counter() - start) / len(batch))
+                    (images, kept), seconds = _timed(device, lambda: _call(pipe, prompts, batch, num_steps, seed,
+                                                                           guidance_scale, keep_samples))
+                    per_image.append(seconds / len(batch))
                 out.append(images)
                 samples.append(kept)
                 state.stats = dict(handle.stats) if handle is not None else {}
                 if partial is not None:
                     _save_partial(partial, key, state)
             if not per_image:  # one batch, or a resume left none timed: time the last batch once more
-                synchronize(device)
-                start = time.perf_counter()
-                _call(pipe, prompts, batches[-1], num_steps, seed, guidance_scale)
-                synchronize(device)
-                per_image.append((time.perf_counter() - start) / len(batches[-1]))
+                _, seconds = _timed(device, lambda: _call(pipe, prompts, batches[-1], num_steps, seed, guidance_scale))
+                per_image.append(seconds / len(batches[-1]))
     finally:
         if handle is not None:
             handle.remove()
     kept_all = np.concatenate(samples) if keep_samples and all(k is not None for k in samples) else None
     return Generation(indices, np.concatenate(out), per_image, state.gflops, state.stats, kept_all, state.key_steps)
+
+
+def _timed(device: Any, call: Callable[[], Any]) -> tuple[Any, float]:
+    """``call()``'s result and its wall time in seconds, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    synchronize(device)
+    return result, time.perf_counter() - start
 
 
 @dataclass

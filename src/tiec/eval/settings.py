@@ -21,7 +21,12 @@ FRONTIER_ROWS = (
     *(f"deepcache@ddim50:every:{n}" for n in (2, 3, 5)), "deepcache@ddim20:every:2",
     "tome@ddim50:all", "tome@ddim20:all",
     *(f"{method}@{schedule}" for schedule in _TIEC_SCHEDULES
-      for method in ("reuse", "extrapolate", "extrapolate+order2", "interpolate")))
+      for method in ("reuse", "extrapolate", "extrapolate+order2", "interpolate")),
+    # FasterDiffusion's prior noise injection: its own recipe, and tiec's calibrated key steps within the range of
+    # the DPM-Solver++ curve (the goal is judged against both curves, so only rows that cheap can meet it)
+    "reuse+noise@ddim50:faster-diffusion",
+    *(f"{method}+noise@{schedule}" for schedule in ("ddim20:auto:5", "dpm20:auto:5")
+      for method in ("reuse", "extrapolate")))
 # The seed spread of FID (the frontier's goal is judged against twice it): the frontier's own DDIM-20 plain row (seeds
 # 0..999) and the same row on two disjoint seed sets, ``tiec bench --rows 'full@ddim20:all' --seed S --out
 # runs/spread-S`` for S = 1000 and 2000. Folders that do not exist yet are named in the report.
@@ -149,10 +154,15 @@ def canonical_row(text: str) -> str:
     Example:
         >>> canonical_row("noise+reuse@ddim20:uniform:5")
         'reuse+noise@ddim20:uniform:5'
+        >>> canonical_row("full@ddim20:all,reuse@ddim20:uniform:5")
+        Traceback (most recent call last):
+        ValueError: row 'full@ddim20:all,reuse@ddim20:uniform:5': several rows are separated by ';', not ','
     """
     method, at, schedule = text.strip().partition("@")
     if not at:
         raise ValueError(f"row {text!r}: expected <method>@<sampler><steps>:<key steps>, e.g. reuse@ddim20:uniform:5")
+    if "@" in schedule:
+        raise ValueError(f"row {text!r}: several rows are separated by ';', not ','")
     return f"{M.parse_method(method).name}@{M.parse_schedule(schedule.strip()).name}"
 
 
