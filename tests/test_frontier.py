@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from tiec.eval.report import (equal_cost_delta, equal_cost_table, fid_at_equal_cost, fid_spread, pareto_front,
-                              plain_curve, plain_curves, verdict, write_report)
+from tiec.eval.report import (delta_sources_table, equal_cost_delta, equal_cost_table, fid_at_equal_cost, fid_spread,
+                              pareto_front, plain_curve, plain_curves, verdict, write_report)
 
 pytestmark = pytest.mark.filterwarnings("ignore:no images under:UserWarning")  # these reports have no grid images
 
@@ -101,10 +101,31 @@ def test_equal_cost_table_rows_and_out_of_range():
     assert "- Plain DDIM curve: 4 `full` rows, 27.160 to 84.890 GFLOPs/img" in equal_cost_table(rows)
 
 
+def test_delta_sources_split_each_delta_into_ceiling_and_method_cost():
+    rows = _rows() + [_row("reuse", 20, 88.39, 21.0, spec="uniform:5"), _row("reuse", 12, 70.0, 20.0, spec="x")]
+    lines = delta_sources_table(rows).splitlines()
+    assert lines[0].endswith("| ceiling vs DDIM | ceiling vs DPM |")
+    body = {line.split(" | ")[0][2:] + line.split(" | ")[2]: line for line in lines[2:]}
+    assert len(body) == 4  # the DDIM-12 row has no full row of its own: left out
+    # by hand, interpolate (FID 55.01, 33.55 GFLOPs) against its full row DDIM 20 (55.20, 33.95):
+    ddim = 57.55 + math.log(33.55 / 27.16) / math.log(33.95 / 27.16) * (55.20 - 57.55)
+    dpm = 60.0 + math.log(33.55 / 20.0) / math.log(50.0 / 20.0) * (54.0 - 60.0)
+    cells = body["interpolate10 (uniform:10)"].strip("| ").split(" | ")
+    assert cells[3:] == ["1.2%", "55.20", "-0.19", f"{55.20 - ddim:+.2f}", f"{55.20 - dpm:+.2f}"]
+    # ceiling + method cost = the equal-cost delta (to rounding)
+    delta = equal_cost_delta(rows[-3], plain_curve(rows, "ddim"))
+    assert rows[-3]["method"] == "interpolate"
+    assert float(cells[5]) + float(cells[6]) == pytest.approx(delta, abs=0.011)
+    cheap = body["reuse10 (uniform:5)"].strip("| ").split(" | ")  # _row gives every spec 10 key steps
+    dpm = 60.0 + math.log(21.0 / 20.0) / math.log(50.0 / 20.0) * (54.0 - 60.0)
+    assert cheap[3:] == ["38.1%", "55.20", "+33.19", "outside the curve", f"{55.20 - dpm:+.2f}"]
+
+
 def test_report_has_the_equal_cost_section_and_frontier(tmp_path):
     path = write_report(tmp_path, _rows(), ["sneaker"])  # no images saved: grid.png is skipped with a warning
     text = path.read_text()
     assert "## Equal-cost comparison" in text and "![frontier](frontier.png)" in text
+    assert "### Where the delta comes from" in text
     assert "| +0.27 |" in text
     png = tmp_path / "frontier.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -270,6 +270,46 @@ def equal_cost_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def delta_sources_table(rows: Sequence[dict]) -> str:
+    """Where each row's equal-cost FID delta comes from, in markdown: the delta is the sum of
+
+    - the **ceiling**: the delta the row would have if its images were as good as its own ``full`` row's (same
+      sampler and step count), i.e. that row's FID minus the plain curve's FID at this row's GFLOPs. It depends
+      only on the cost saved and on the curve's slope there: at or above zero, no method saving that much can win;
+    - the **method's FID cost**: the row's FID minus its own ``full`` row's (the estimator's error, or what
+      caching or merging changes; negative where the change happens to lower FID).
+
+    Rows without a ``full`` row of their sampler and step count, FID or GFLOPs are left out.
+
+    Example:
+        >>> rows = [dict(method="full", sampler="ddim", num_steps=n, fid=f, gflops_per_image=g)
+        ...         for n, f, g in [(16, 57.55, 27.16), (20, 55.20, 33.95)]]
+        >>> rows.append(dict(method="extrapolate", sampler="ddim", num_steps=20, fid=56.82, gflops_per_image=29.86,
+        ...                  key_steps=list(range(0, 20, 2)), key_step_spec="uniform:10"))
+        >>> print(delta_sources_table(rows))  # ceiling 55.20 - 56.55; method 56.82 - 55.20; their sum: +0.27
+        | method | sampler, steps | key steps | GFLOPs saved | FID of its full row | method's FID cost | ceiling vs DDIM |
+        |---|---|---|---|---|---|---|
+        | extrapolate | DDIM 20 | 10 (uniform:10) | 12.0% | 55.20 | +1.62 | -1.35 |
+    """
+    curves = plain_curves(rows)
+    head = ["method", "sampler, steps", "key steps", "GFLOPs saved", "FID of its full row", "method's FID cost"]
+    head += [f"ceiling vs {_sampler_name(s)}" for s in curves]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        full = _full_row(rows, r) if r["method"] != "full" else None
+        if full is None or None in (r.get("fid"), r.get("gflops_per_image"), full.get("fid"),
+                                    full.get("gflops_per_image")):
+            continue
+        cells = [r["method"], f"{_sampler_name(r['sampler'])} {r['num_steps']}", _key_steps_text(r),
+                 f"{100 * (1 - r['gflops_per_image'] / full['gflops_per_image']):.1f}%", _num(full["fid"]),
+                 f"{r['fid'] - full['fid']:+.2f}"]
+        for curve in curves.values():
+            plain = fid_at_equal_cost(curve, r["gflops_per_image"])
+            cells.append("outside the curve" if plain is None else f"{full['fid'] - plain:+.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def fid_spread(rows: Sequence[dict]) -> dict[str, Any] | None:
     """The seed-to-seed spread of FID: the sample standard deviation (n - 1) of one plain row's FID over disjoint
     seed sets.
@@ -694,7 +734,15 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequ
                  "the row's UNet GFLOPs/img (interpolated linearly in log GFLOPs between the neighbouring plain rows). "
                  "Negative: the row beats the plain sampler at its cost. A row whose GFLOPs lie outside a curve's range shows "
                  "\"outside the curve\": it is not compared with that sampler, since the curve is not extrapolated.", "",
-                 equal_cost_table(rows), ""]
+                 equal_cost_table(rows), "",
+                 "### Where the delta comes from", "",
+                 "Each delta is the sum of a ceiling and the method's FID cost. The ceiling is the delta the row "
+                 "would have with the images of its own `full` row (same sampler and step count): that row's FID minus "
+                 "the plain curve's at this row's GFLOPs. It is set by the cost saved (for encoder propagation: the "
+                 "encoder's share of the UNet's FLOPs times the share of steps without a key step) and by the curve's "
+                 "slope there; at or above zero, no method saving that much can win. The method's FID cost is the "
+                 "row's FID minus its `full` row's.", "",
+                 delta_sources_table(rows), ""]
     text += ["## Figures", "", "![grid](grid.png)", "", "![pareto](pareto.png)", ""]
     text += ["![frontier](frontier.png)", ""] if curves else []
     path = out_dir / "report.md"
