@@ -574,6 +574,48 @@ def test_explicit_rows_psnr_against_and_deepcache_intervals(tmp_path, fmnist_dir
     assert rows[2]["psnr"] == pytest.approx(float(np.mean(10 * np.log10(255.0 ** 2 / mse))), rel=1e-6)
 
 
+def test_a_row_stored_with_another_psnr_reference_is_run_again(tmp_path, fmnist_dir, monkeypatch):
+    """PSNR is not part of the run key: a row whose PSNR compared with other images is not taken as done, while
+    rows written before the reference was recorded still are."""
+    pipe = tiny_demo_pipeline()
+    labels, original = [], B.generate
+    monkeypatch.setattr(B, "generate", lambda *a, **k: labels.append(a[9]) or original(*a, **k))
+    own = B.run_bench(settings(tmp_path, fmnist_dir, rows="reuse@ddim4:uniform:2"), pipe=pipe,
+                      extractor=FakeFeatures(), progress=False)
+    assert [r["psnr_reference"] for r in own] == [None, "ddim4"]
+    labels.clear()
+    other = B.run_bench(settings(tmp_path, fmnist_dir, rows="reuse@ddim4:uniform:2", psnr_against="ddim6"), pipe=pipe,
+                        extractor=FakeFeatures(), progress=False)
+    assert labels == ["full ddim6", "full ddim4", "reuse ddim4:uniform:2"]  # ddim4's full row now has a PSNR too
+    assert [r["psnr_reference"] for r in other] == [None, "ddim6", "ddim6"]
+    assert other[2]["psnr"] != own[1]["psnr"]
+    results = Path(tmp_path / "out/results.jsonl")
+    legacy = [{k: v for k, v in json.loads(line).items() if k != "psnr_reference"}
+              for line in results.read_text().splitlines()]
+    results.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    labels.clear()
+    again = B.run_bench(settings(tmp_path, fmnist_dir, rows="reuse@ddim4:uniform:2"), pipe=pipe,
+                        extractor=FakeFeatures(), progress=False)
+    assert labels == [] and again[1]["psnr"] == other[2]["psnr"]  # unrecorded: the last line is taken
+
+
+def test_a_partial_save_survives_its_folder_vanishing(tmp_path, monkeypatch):
+    """Another run's ``drop_partial`` may remove the empty folder between mkdir and the write: the save retries."""
+    from tiec.eval import generation as G
+
+    path, original, vanished = tmp_path / "partial/ddim4/reuse-0.npz", G.atomic_write, []
+
+    def write(target, fn):
+        if not vanished:
+            vanished.append(True)
+            target.parent.rmdir()
+        return original(target, fn)
+
+    monkeypatch.setattr(G, "atomic_write", write)
+    G._save_partial(path, "key", G._Partial(images=[np.zeros((1, 2, 2, 1), np.uint8)], samples=[None]))
+    assert vanished and G._load_partial(path, "key").images[0].shape == (1, 2, 2, 1)
+
+
 def test_frontier_preset_and_row_errors():
     s = B.BenchSettings.create(frontier=True)
     keys = [i.row_key.split("#")[0] for i in B.plan(s)]
@@ -585,6 +627,8 @@ def test_frontier_preset_and_row_errors():
         assert needed in keys
     with pytest.raises(ValueError, match="expected <method>@"):
         B.BenchSettings(rows=("reuse",))
+    with pytest.raises(ValueError, match="separated by ';'"):
+        B.BenchSettings(rows="full@ddim20:all,reuse@ddim20:uniform:5")
     with pytest.raises(ValueError, match="order2"):
         M.parse_method("reuse+order2")
     with pytest.raises(ValueError, match="sampler"):
@@ -598,9 +642,11 @@ def test_auto_rows_record_the_key_steps_their_calibration_chose(tmp_path, fmnist
     real = C.measure
     monkeypatch.setattr(C, "measure", lambda *a, **k: real(*a, **dict(k, num_samples=1, progress=False)))
     pipe = tiny_demo_pipeline()
-    s = settings(tmp_path, fmnist_dir, rows="reuse@ddim6:auto:3;reuse@ddim6:adaptive:0.1")
+    s = settings(tmp_path, fmnist_dir, rows="reuse@ddim6:auto:3;reuse@ddim6:adaptive:0.1;reuse@ddim6:uniform:3")
     rows = B.run_bench(s, pipe=pipe, extractor=FakeFeatures(), progress=False)
-    auto, adaptive = rows[1], rows[2]
+    auto, adaptive, uniform = rows[1], rows[2], rows[3]
+    # the calibration, measured in the auto row's first call, is not counted in its cost: 3 key steps of 6 either way
+    assert auto["gflops_per_image"] == pytest.approx(uniform["gflops_per_image"], rel=1e-9)
     (stored,) = (tmp_path / "cache" / "calibration").glob("calibration-*.json")
     chosen = C.Calibration.from_json(json.loads(stored.read_text())).solve(3)
     assert auto["key_steps"] == list(chosen) and auto["encoder_runs"] == 3

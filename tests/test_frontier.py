@@ -119,6 +119,8 @@ def test_delta_sources_split_each_delta_into_ceiling_and_method_cost():
     cheap = body["reuse10 (uniform:5)"].strip("| ").split(" | ")  # _row gives every spec 10 key steps
     dpm = 60.0 + math.log(21.0 / 20.0) / math.log(50.0 / 20.0) * (54.0 - 60.0)
     assert cheap[3:] == ["38.1%", "55.20", "+33.19", "outside the curve", f"{55.20 - dpm:+.2f}"]
+    zero = [{**r, "gflops_per_image": 0.0} if r["method"] == "full" and r["num_steps"] == 20 else r for r in rows]
+    assert len(delta_sources_table(zero).splitlines()) == 2  # no cost to save against: every row left out
 
 
 def test_report_has_the_equal_cost_section_and_frontier(tmp_path):

@@ -4,8 +4,8 @@ Image ``i`` is generated from prompt ``i`` (cycling through the prompts) with it
 ``seed + i``, so results depend neither on the batch size nor on how the seeds are sharded across
 processes. Each finished (method, schedule) row is appended to ``OUT/results.jsonl`` at once; a rerun with
 the same arguments skips the rows already there. The file is read again before each row, so several runs of the
-same protocol on one ``OUT`` (say the frontier's rows in opposite orders) skip what the others finished. Images
-are kept in ``OUT/images/<schedule>/<method>.npy`` (uint8; every metric is computed on these quantised images).
+same protocol on one ``OUT`` (say the frontier's rows in opposite orders) skip what the others finished; a row
+that two of them start before either has stored it is run by both (the later line wins). Images are kept in ``OUT/images/<schedule>/<method>.npy`` (uint8; every metric is computed on these quantised images).
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
             decision = "run"
             if main:  # another run of this protocol on the same OUT may have finished rows meanwhile
                 done.update(latest(read_rows(results_path), key))
-            if item.row_key in done:  # images of finished rows are kept for PSNR/SSIM and the grid
+            if _stored(done, item, settings) is not None:  # finished rows' images are kept for PSNR/SSIM and the grid
                 decision = "images" if load_images(path, key) is None else "skip"
             decision = dist.broadcast(decision if main else None)
             partial = partial_path(out_dir, item.label, item.method.name, dist.rank)
@@ -273,8 +273,8 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
         pipe.scheduler = base_scheduler
     if not main:
         return []
-    done.update(latest(read_rows(results_path), key))
-    rows = [done[item.row_key] for item in items if item.row_key in done]
+    done.update(latest(read_rows(results_path), key))  # rows the other runs finished after this one passed them
+    rows = [row for row in (_stored(done, item, settings) for item in items) if row is not None]
     spread, missing = _spread(settings, rows, fingerprint, fid_name)
     write_report(out_dir, rows, prompts=prompts, seed=settings.seed, columns=settings.grid_columns,
                  notes=_notes(settings, reference_what, demo, real_speckle), spread=spread, missing_spread=missing)
@@ -370,13 +370,25 @@ def _key_steps(item: _Item, generation: Generation | None) -> list[int] | None:
     return keys
 
 
+def _psnr_reference(settings: BenchSettings, item: _Item) -> str | None:
+    """The ``<sampler><steps>`` whose ``full`` images the row's PSNR/SSIM compare with; None for that row itself."""
+    against = settings.psnr_against or item.schedule.base
+    return None if item.method.name == "full" and item.schedule.base == against else against
+
+
+def _stored(done: dict[str, dict], item: _Item, settings: BenchSettings) -> dict | None:
+    """The stored row of ``item`` if its PSNR reference is this run's (rows written before it was recorded pass)."""
+    row = done.get(item.row_key)
+    if row is None or row.get("psnr_reference", _psnr_reference(settings, item)) != _psnr_reference(settings, item):
+        return None
+    return row
+
+
 def _row(run: _Run, item: _Item, images: np.ndarray, gathered: list[Generation]) -> dict:
     """The ``results.jsonl`` record of one finished row."""
     settings, prompts, demo, out_dir, key, dist = run.settings, run.prompts, run.demo, run.out_dir, run.key, run.dist
-    full = None
-    against = settings.psnr_against or item.schedule.base
-    if not (item.method.name == "full" and item.schedule.base == against):
-        full = load_images(images_path(out_dir, against, "full"), key)
+    against = _psnr_reference(settings, item)
+    full = None if against is None else load_images(images_path(out_dir, against, "full"), key)
     samples = None
     if demo and all(g.samples is not None for g in gathered if g.indices):
         samples = merge([(g.indices, g.samples) for g in gathered], settings.num_images)
@@ -398,6 +410,7 @@ def _row(run: _Run, item: _Item, images: np.ndarray, gathered: list[Generation])
         "key_step_spec": item.schedule.key_steps if item.method.uses_key_steps else None,
         "num_images": settings.num_images,
         **metrics,
+        "psnr_reference": against,
         "s_per_image": statistics.median(timings) if timings else None,
         "gflops_per_image": main_gen.gflops_per_image if main_gen is not None else None,
         "encoder_runs": stats.get("encoder_runs"),

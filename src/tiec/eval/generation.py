@@ -180,6 +180,9 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
     resumed = len(out) > 0
     try:
         with torch.no_grad():
+            if not out and any(str(getattr(c, "key_steps", "")).startswith("auto:") for c in configs):
+                # "auto:K" measures its calibration in its first call when none is stored: not in the counted batch
+                _call(pipe, prompts, batches[0][:1], num_steps, seed, guidance_scale)
             for b in tqdm(range(len(out), len(batches)), desc=f"generate {label}".strip(), unit="batch",
                           initial=len(out), total=len(batches), disable=not progress or len(batches) < 2,
                           leave=False):
@@ -244,7 +247,14 @@ def _save_partial(path: str | os.PathLike, key: str, state: _Partial) -> None:
     arrays = {f"images{i}": a for i, a in enumerate(state.images)}
     if meta["samples"]:
         arrays.update({f"samples{i}": a for i, a in enumerate(state.samples)})
-    atomic_write(path, lambda f: np.savez(f, meta=json.dumps(meta), **arrays))
+    for attempt in range(3):  # another run on this OUT may remove the empty folder between mkdir and the write
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write(path, lambda f: np.savez(f, meta=json.dumps(meta), **arrays))
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
 
 
 def _load_partial(path: str | os.PathLike, key: str) -> _Partial | None:

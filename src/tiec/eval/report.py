@@ -274,12 +274,14 @@ def delta_sources_table(rows: Sequence[dict]) -> str:
     """Where each row's equal-cost FID delta comes from, in markdown: the delta is the sum of
 
     - the **ceiling**: the delta the row would have if its images were as good as its own ``full`` row's (same
-      sampler and step count), i.e. that row's FID minus the plain curve's FID at this row's GFLOPs. It depends
-      only on the cost saved and on the curve's slope there: at or above zero, no method saving that much can win;
+      sampler and step count), i.e. that row's FID minus the plain curve's FID at this row's GFLOPs. Against its
+      own sampler's curve it depends only on the cost saved and on the curve's slope there; against another
+      sampler's curve it also holds the gap between the two samplers. At or above zero, the row can win only where
+      the method lowers FID below its own ``full`` row's;
     - the **method's FID cost**: the row's FID minus its own ``full`` row's (the estimator's error, or what
       caching or merging changes; negative where the change happens to lower FID).
 
-    Rows without a ``full`` row of their sampler and step count, FID or GFLOPs are left out.
+    Rows without a ``full`` row of their sampler and step count, FID or GFLOPs (or with zero GFLOPs) are left out.
 
     Example:
         >>> rows = [dict(method="full", sampler="ddim", num_steps=n, fid=f, gflops_per_image=g)
@@ -297,8 +299,8 @@ def delta_sources_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         full = _full_row(rows, r) if r["method"] != "full" else None
-        if full is None or None in (r.get("fid"), r.get("gflops_per_image"), full.get("fid"),
-                                    full.get("gflops_per_image")):
+        if full is None or None in (r.get("fid"), r.get("gflops_per_image"), full.get("fid")) \
+                or not full.get("gflops_per_image"):
             continue
         cells = [r["method"], f"{_sampler_name(r['sampler'])} {r['num_steps']}", _key_steps_text(r),
                  f"{100 * (1 - r['gflops_per_image'] / full['gflops_per_image']):.1f}%", _num(full["fid"]),
@@ -738,10 +740,11 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict], prompts: Sequ
                  "### Where the delta comes from", "",
                  "Each delta is the sum of a ceiling and the method's FID cost. The ceiling is the delta the row "
                  "would have with the images of its own `full` row (same sampler and step count): that row's FID minus "
-                 "the plain curve's at this row's GFLOPs. It is set by the cost saved (for encoder propagation: the "
-                 "encoder's share of the UNet's FLOPs times the share of steps without a key step) and by the curve's "
-                 "slope there; at or above zero, no method saving that much can win. The method's FID cost is the "
-                 "row's FID minus its `full` row's.", "",
+                 "the plain curve's at this row's GFLOPs. Against the row's own sampler it is set by the cost saved "
+                 "(for encoder propagation: the encoder's share of the UNet's FLOPs times the share of steps without "
+                 "a key step) and by the curve's slope there; against another sampler it also holds the gap between "
+                 "the two samplers. At or above zero, the row can win only where the method lowers FID below its "
+                 "`full` row's. The method's FID cost is the row's FID minus its `full` row's.", "",
                  delta_sources_table(rows), ""]
     text += ["## Figures", "", "![grid](grid.png)", "", "![pareto](pareto.png)", ""]
     text += ["![frontier](frontier.png)", ""] if curves else []

@@ -165,7 +165,7 @@ def canonical_row(text: str) -> str:
     method, at, schedule = text.strip().partition("@")
     if not at:
         raise ValueError(f"row {text!r}: expected <method>@<sampler><steps>:<key steps>, e.g. reuse@ddim20:uniform:5")
-    if "@" in schedule:
+    if "@" in schedule and "," in schedule:
         raise ValueError(f"row {text!r}: several rows are separated by ';', not ','")
     return f"{M.parse_method(method).name}@{M.parse_schedule(schedule.strip()).name}"
 
