@@ -245,7 +245,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
             path = images_path(out_dir, item.label, item.method.name)
             decision = "run"
             if main:  # another run of this protocol on the same OUT may have finished rows meanwhile
-                done.update(latest(read_rows(results_path), key))
+                done.update(_reread(results_path, key))
             if _stored(done, item, settings) is not None:  # finished rows' images are kept for PSNR/SSIM and the grid
                 decision = "images" if load_images(path, key) is None else "skip"
             decision = dist.broadcast(decision if main else None)
@@ -273,7 +273,7 @@ def run_bench(settings: BenchSettings, pipe: Any = None, extractor: FeatureExtra
         pipe.scheduler = base_scheduler
     if not main:
         return []
-    done.update(latest(read_rows(results_path), key))  # rows the other runs finished after this one passed them
+    done.update(_reread(results_path, key))  # rows the other runs finished after this one passed them
     rows = [row for row in (_stored(done, item, settings) for item in items) if row is not None]
     spread, missing = _spread(settings, rows, fingerprint, fid_name)
     write_report(out_dir, rows, prompts=prompts, seed=settings.seed, columns=settings.grid_columns,
@@ -368,6 +368,14 @@ def _key_steps(item: _Item, generation: Generation | None) -> list[int] | None:
             and generation.key_steps is not None:
         keys = list(generation.key_steps)
     return keys
+
+
+def _reread(results_path: Path, key: str) -> dict[str, dict]:
+    """``latest`` rows of the results file, read again during the run: a line that another run is appending
+    right now may look torn for a moment, so it is skipped without the warning (the start of the run warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return latest(read_rows(results_path), key)
 
 
 def _psnr_reference(settings: BenchSettings, item: _Item) -> str | None:
