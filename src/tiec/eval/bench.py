@@ -5,7 +5,8 @@ Image ``i`` is generated from prompt ``i`` (cycling through the prompts) with it
 processes. Each finished (method, schedule) row is appended to ``OUT/results.jsonl`` at once; a rerun with
 the same arguments skips the rows already there. The file is read again before each row, so several runs of the
 same protocol on one ``OUT`` (say the frontier's rows in opposite orders) skip what the others finished; a row
-that two of them start before either has stored it is run by both (the later line wins). Images are kept in ``OUT/images/<schedule>/<method>.npy`` (uint8; every metric is computed on these quantised images).
+that two of them start before either has stored it is run by both (the later line wins). Images are kept in
+``OUT/images/<schedule>/<method>.npy`` (uint8; every metric is computed on these quantised images).
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ def generate(pipe: Any, configs: Sequence[Any], num_steps: int, prompts: Sequenc
     try:
         with torch.no_grad():
             if not out and any(str(getattr(c, "key_steps", "")).startswith("auto:") for c in configs):
-                # "auto:K" measures its calibration in its first call when none is stored: not in the counted batch
+                # "auto:K" measures its calibration in its first call when none is stored: not in the counted
+                # batch, so one image first (uncounted, discarded)
                 _call(pipe, prompts, batches[0][:1], num_steps, seed, guidance_scale)
             for b in tqdm(range(len(out), len(batches)), desc=f"generate {label}".strip(), unit="batch",
                           initial=len(out), total=len(batches), disable=not progress or len(batches) < 2,
