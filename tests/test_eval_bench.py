@@ -619,11 +619,11 @@ def test_a_partial_save_survives_its_folder_vanishing(tmp_path, monkeypatch):
 def test_frontier_preset_and_row_errors():
     s = B.BenchSettings.create(frontier=True)
     keys = [i.row_key.split("#")[0] for i in B.plan(s)]
-    assert keys[0] == "full@ddim50" and len(keys) == len(set(keys)) == 63
+    assert keys[0] == "full@ddim50" and len(keys) == len(set(keys)) == 65
     for needed in ("full@dpm6", "deepcache@ddim50:every:5", "tome@ddim50", "extrapolate+order2@ddim20:auto:5",
                    "interpolate@dpm20:uniform:5", "reuse@ddim50:adaptive:0.3", "reuse@ddim50:faster-diffusion",
                    "reuse+noise@ddim50:faster-diffusion", "extrapolate+noise@dpm20:auto:5", "full@dpm10",
-                   "extrapolate@dpm10:auto:3"):
+                   "extrapolate@dpm10:auto:3", "reuse+noise@ddim12:auto:6"):
         assert needed in keys
     with pytest.raises(ValueError, match="expected <method>@"):
         B.BenchSettings(rows=("reuse",))

@@ -29,8 +29,9 @@ FRONTIER_ROWS = (
     "reuse+noise@ddim50:faster-diffusion",
     *(f"{method}+noise@{schedule}" for schedule in ("ddim20:auto:5", "dpm20:auto:5")
       for method in ("reuse", "extrapolate")),
-    # where the plain DPM-Solver++ curve is steep (10 steps), each GFLOP saved is worth the most FID
-    *(f"{method}@dpm10:auto:{k}" for k in (5, 3) for method in ("extrapolate", "reuse+noise")))
+    # where the plain curves are steep (DPM-Solver++ 10, DDIM 12), each GFLOP saved is worth the most FID
+    *(f"{method}@dpm10:auto:{k}" for k in (5, 3) for method in ("extrapolate", "reuse+noise")),
+    *(f"{method}@ddim12:auto:6" for method in ("extrapolate", "reuse+noise")))
 # The seed spread of FID (the frontier's goal is judged against twice it): the frontier's own DDIM-20 plain row (seeds
 # 0..999) and the same row on two disjoint seed sets, ``tiec bench --rows 'full@ddim20:all' --seed S --out
 # runs/spread-S`` for S = 1000 and 2000. Folders that do not exist yet are named in the report.
