@@ -387,10 +387,8 @@ def _psnr_reference(settings: BenchSettings, item: _Item) -> str | None:
 
 def _stored(done: dict[str, dict], item: _Item, settings: BenchSettings) -> dict | None:
     """The stored row of ``item`` if its PSNR reference is this run's (rows written before it was recorded pass)."""
-    row = done.get(item.row_key)
-    if row is None or row.get("psnr_reference", _psnr_reference(settings, item)) != _psnr_reference(settings, item):
-        return None
-    return row
+    row, reference = done.get(item.row_key), _psnr_reference(settings, item)
+    return None if row is None or row.get("psnr_reference", reference) != reference else row
 
 
 def _row(run: _Run, item: _Item, images: np.ndarray, gathered: list[Generation]) -> dict:

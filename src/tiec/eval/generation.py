@@ -240,7 +240,6 @@ class _Partial:
 
 def _save_partial(path: str | os.PathLike, key: str, state: _Partial) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(key=key, where=state.where, batches=len(state.images), seconds_per_image=state.seconds_per_image,
                 gflops=state.gflops, stats=state.stats,
                 key_steps=None if state.key_steps is None else list(state.key_steps),
