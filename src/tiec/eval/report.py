@@ -102,8 +102,9 @@ def gap_recovery(rows: Sequence[dict]) -> list[dict[str, Any]]:
     ``reuse`` row of the same schedule and modifiers and with ``full`` of the same sampler and step count.
     Noise injection, FasterDiffusion's own fix for ``reuse``, is measured the same way: ``reuse+noise``
     (with any other modifiers) against the ``reuse`` row without ``+noise``.
-    ``recovered`` is None where the gap is zero or a FID is missing; negative values are kept (the
-    estimator is worse than reuse). ``extra_s`` is the estimator's extra seconds per image over reuse.
+    ``recovered`` is None where there is no gap (the baseline's FID is not above full's: it lost nothing to recover,
+    and a ratio over a gap of noise means nothing) or a FID is missing; negative values are kept (the estimator is
+    worse than reuse). ``extra_s`` is the estimator's extra seconds per image over reuse.
 
     Example:
         >>> rows = [dict(method=method, sampler="ddim", num_steps=20, schedule=schedule, fid=fid)
@@ -127,7 +128,7 @@ def gap_recovery(rows: Sequence[dict]) -> list[dict[str, Any]]:
             continue
         f_est, f_reuse, f_full = est.get("fid"), reuse.get("fid"), full.get("fid")
         recovered = None
-        if None not in (f_est, f_reuse, f_full) and f_reuse != f_full:
+        if None not in (f_est, f_reuse, f_full) and f_reuse > f_full:
             recovered = (f_reuse - f_est) / (f_reuse - f_full)
         s_est, s_reuse = est.get("s_per_image"), reuse.get("s_per_image")
         extra = s_est - s_reuse if s_est is not None and s_reuse is not None else None
@@ -145,7 +146,12 @@ def gap_table(rows: Sequence[dict]) -> str:
     lines = ["| estimator | vs | schedule | FID full | FID reuse | FID estimator | gap recovered | extra s/img vs reuse |",
              "|---|---|---|---|---|---|---|---|"]
     for g in gaps:
-        recovered = f"{100 * g['recovered']:.1f}%" if g["recovered"] is not None else "n/a (no gap or no FID)"
+        if g["recovered"] is not None:
+            recovered = f"{100 * g['recovered']:.1f}%"
+        elif None in (g["fid_estimator"], g["fid_reuse"], g["fid_full"]):
+            recovered = "n/a (no FID)"
+        else:
+            recovered = "n/a (no gap: reuse not worse than full)"
         extra = (f"{g['extra_s']:+.4f} s ({g['extra_pct']:+.1f}%)" if g["extra_s"] is not None else "–")
         lines.append(f"| {g['estimator']} | {g['baseline']} | {g['schedule']} | {_num(g['fid_full'])} | "
                      f"{_num(g['fid_reuse'])} | {_num(g['fid_estimator'])} | {recovered} | {extra} |")
