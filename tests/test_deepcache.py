@@ -8,7 +8,7 @@ import torch
 from conftest import demo_sample, make_demo_pipe, make_pipe, module_attributes, run, tiny_unet
 
 import tiec
-from tiec.deepcache import full_steps
+from tiec.deepcache import deep_parts, full_steps
 from tiec.flops import build_sd15_unet, flop_counter, loop_flops
 
 DC = tiec.DeepCacheConfig
@@ -22,10 +22,18 @@ def sd_pipe():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(cache_interval=0), "cache_interval"), (dict(cache_interval=2.0), "cache_interval"),
     (dict(cache_branch_id=-1), "cache_branch_id"), (dict(schedule="cosine"), "schedule"),
+    (dict(estimator="interpolate"), "estimator"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DC(**kwargs)
+
+
+def test_repr_of_a_plain_config_is_unchanged_by_the_estimator_field():
+    # tiec bench's stored row keys are digests of config reprs: a plain DeepCache config keeps its old repr
+    assert repr(DC(cache_interval=5)) == "DeepCacheConfig(cache_interval=5, cache_branch_id=0, schedule='uniform')"
+    assert repr(DC(estimator="extrapolate")).endswith("schedule='uniform', estimator='extrapolate')")
+    assert DC(estimator="extrapolate") != DC()
 
 
 def test_branch_must_fit_the_unet():
@@ -188,6 +196,60 @@ def test_full_steps_are_plain_and_shallow_steps_reuse_the_deep_feature(branch):
     assert torch.equal(outs[0], plain[0]) and torch.equal(outs[1], plain[0])
     assert not torch.allclose(outs[2], plain[1], atol=1e-4)  # shallow, on step 0's deep feature
     assert torch.equal(outs[3], plain[1])  # full
+
+
+def _feature(out):
+    return out if isinstance(out, torch.Tensor) else out[0]  # an attention returns (hidden_states,)
+
+
+@pytest.mark.parametrize("branch", [0, 2])
+def test_extrapolate_forecasts_the_deep_feature_from_the_last_two_full_steps(branch):
+    # Independent reference: the deep feature the plain UNet makes at the full steps (a forward hook on the part
+    # feeding the shallow path's entry), extrapolated by hand along the timestep.
+    unet = tiny_unet()
+    feeder = deep_parts(unet, branch)[-1]
+    seen = []
+    hook = feeder.register_forward_hook(lambda module, args, out: seen.append(_feature(out).clone()))
+    samples, text = [torch.randn(2, 4, 16, 16) for _ in range(5)], torch.randn(2, 7, 32)
+    times = (900, 800, 700, 600, 500)
+    with torch.no_grad():
+        plain = [unet(samples[i], times[i], text).sample for i in (0, 2, 4)]
+        f900, f700, f500 = seen
+        seen.clear()
+        with tiec.apply(unet, DC(cache_interval=2, cache_branch_id=branch, estimator="extrapolate")) as handle:
+            handle.start_run(5)
+            outs = [unet(samples[i], times[i], text).sample for i in range(5)]
+        with tiec.apply(unet, DC(cache_interval=2, cache_branch_id=branch)) as handle:
+            handle.start_run(5)
+            reused = [unet(samples[i], times[i], text).sample for i in range(5)]
+    hook.remove()
+    assert [torch.equal(outs[i], plain[i // 2]) for i in (0, 2, 4)] == [True] * 3  # full steps: plain
+    assert torch.equal(seen[1], f900)  # step 1: one full step so far, so its feature is reused
+    # step 3 (t = 600): the line through (900, f900) and (700, f700), half an interval beyond 700
+    assert torch.allclose(seen[3], f700 + 0.5 * (f700 - f900), atol=1e-6)
+    assert torch.equal(outs[1], reused[1]) and not torch.allclose(outs[3], reused[3], atol=1e-4)
+
+
+def test_extrapolate_keeps_distinct_timesteps_and_forgets_other_loops():
+    unet = tiny_unet()
+    feeder = deep_parts(unet, 0)[-1]
+    seen = []
+    hook = feeder.register_forward_hook(lambda module, args, out: seen.append(_feature(out).clone()))
+    samples, text = [torch.randn(2, 4, 16, 16) for _ in range(4)], torch.randn(2, 7, 32)
+    with torch.no_grad(), tiec.apply(unet, DC(cache_interval=2, estimator="extrapolate")) as handle:
+        # a repeated timestep (Heun's second evaluation) replaces the full step before it: no line through one t
+        handle.start_run(4)
+        for sample, t in zip(samples, (900, 850, 900, 800)):
+            unet(sample, t, text)
+        assert torch.equal(seen[3], seen[2])
+    hook.remove()
+    pipe = make_demo_pipe()
+    with tiec.apply(pipe, DC(cache_interval=2, estimator="extrapolate")):
+        first = demo_sample(pipe, 6)
+        demo_sample(pipe, 6, prompts=("dress", "coat"), seed=1)
+        assert np.array_equal(demo_sample(pipe, 6), first)  # the other loop's features are not used
+    with tiec.apply(pipe, DC(cache_interval=2)):
+        assert not np.array_equal(demo_sample(pipe, 6), first)
 
 
 def test_bare_unet_needs_start_run():

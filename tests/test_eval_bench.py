@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiec import DeepCacheConfig
 from tiec.eval import bench as B
 from tiec.eval import methods as M
 from tiec.eval.dist import Dist, merge, shard
@@ -78,9 +79,26 @@ def test_method_names_parse_and_bad_ones_are_named():
     for bad, match in [("warp", "unknown part"), ("full+tome", "combines with nothing"),
                        ("noise", "needs an estimator"), ("serial", "needs an estimator"),
                        ("deepcache+serial", "needs an estimator"), ("reuse+deepcache", "cannot be combined"),
-                       ("reuse+extrapolate", "several estimators")]:
+                       ("reuse+extrapolate", "several estimators"), ("deepcache+interpolate", "cannot be combined"),
+                       ("deepcache+extrapolate+noise", "cannot be combined")]:
         with pytest.raises(ValueError, match=match):
             M.parse_method(bad)
+
+
+def test_deepcache_extrapolate_is_deepcache_with_the_tiec_estimator():
+    method = M.parse_method("extrapolate+deepcache")
+    assert (method.name, method.estimator, method.deepcache, method.deepcache_estimator) == \
+        ("deepcache+extrapolate", None, True, "extrapolate")
+    assert not method.uses_key_steps  # no encoder propagation: DeepCache's full steps
+    (config,) = M.build_configs(method, "ddim50:every:5", deepcache_interval=5)
+    assert config == DeepCacheConfig(cache_interval=5, estimator="extrapolate")
+    (plain,) = M.build_configs(M.parse_method("deepcache"), "ddim50:every:5", deepcache_interval=5)
+    assert plain == DeepCacheConfig(cache_interval=5)
+    keys = [item.row_key for item in B.plan(B.BenchSettings(rows=("deepcache@ddim50:every:5",
+                                                                    "deepcache+extrapolate@ddim50:every:5")))]
+    assert [k.split("#")[0] for k in keys] == ["full@ddim50", "deepcache@ddim50:every:5",
+                                               "deepcache+extrapolate@ddim50:every:5"]
+    assert keys[1] == "deepcache@ddim50:every:5#a26949c4"  # the frontier's stored row: key unchanged by the field
 
 
 def test_noise_methods_carry_the_injection_weight():
@@ -623,8 +641,8 @@ def test_a_partial_save_survives_its_folder_vanishing(tmp_path, monkeypatch):
 def test_frontier_preset_and_row_errors():
     s = B.BenchSettings.create(frontier=True)
     keys = [i.row_key.split("#")[0] for i in B.plan(s)]
-    assert keys[0] == "full@ddim50" and len(keys) == len(set(keys)) == 65
-    for needed in ("full@dpm6", "deepcache@ddim50:every:5", "tome@ddim50", "extrapolate+order2@ddim20:auto:5",
+    assert keys[0] == "full@ddim50" and len(keys) == len(set(keys)) == 71
+    for needed in ("full@dpm6", "deepcache@ddim50:every:5", "deepcache+extrapolate@ddim50:every:7", "tome@ddim50", "extrapolate+order2@ddim20:auto:5",
                    "interpolate@dpm20:uniform:5", "reuse@ddim50:adaptive:0.3", "reuse@ddim50:faster-diffusion",
                    "reuse+noise@ddim50:faster-diffusion", "extrapolate+noise@dpm20:auto:5", "full@dpm10",
                    "extrapolate@dpm10:auto:3", "reuse+noise@ddim12:auto:6"):

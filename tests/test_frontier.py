@@ -193,5 +193,8 @@ def test_verdict_opens_the_report_and_judges_against_twice_the_spread(tmp_path):
     assert verdict(no_deepcache, spread)[0] == ("**Verdict pending**: no DeepCache row within the DDIM curve's "
                                                 "GFLOPs range.")
     assert verdict([r for r in rows if r["method"] in ("full", "deepcache")], spread) == []  # no tiec row: none
+    # TIEC's estimator on DeepCache's cache is a tiec row; plain DeepCache stays the peer it is compared with
+    on_cache = [r for r in rows if r["method"] != "extrapolate"] + [_row("deepcache+extrapolate", 50, 48.0, 40.0)]
+    assert verdict(on_cache, spread)[0].startswith("**Goal met**: `deepcache+extrapolate@ddim50`")
     text = write_report(tmp_path, rows, ["sneaker"], spread=spread).read_text().splitlines()
     assert text[0] == "# tiec bench report" and text[2] == met[0]

@@ -500,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small real run: full/reuse/extrapolate/interpolate, "
                    "ddim20:uniform:5, 40 images, 500 reference images")
     p.add_argument("--frontier", action="store_true", help="the quality-cost frontier: plain DDIM 10-50 and "
-                   "DPM-Solver++ 6-20, DeepCache, ToMe and tiec's estimators on faster-diffusion/uniform/auto/adaptive "
-                   "key steps (%d rows), PSNR against DDIM 50; out runs/frontier; resumes" % len(FRONTIER_ROWS))
+                   "DPM-Solver++ 6-20, DeepCache (also with TIEC's extrapolation), ToMe and tiec's estimators on "
+                   "faster-diffusion/uniform/auto/adaptive key steps (%d rows), PSNR against DDIM 50; out "
+                   "runs/frontier; resumes" % len(FRONTIER_ROWS))
     p.add_argument("--rows", default=None, help="explicit rows instead of --methods x --schedules, separated by "
                    "';', each <method>@<sampler><steps>:<key steps>, e.g. 'full@dpm8:all;deepcache@ddim50:every:2'")
     p.add_argument("--psnr-against", default=None, help="compare every row with the full images of this "

@@ -10,7 +10,9 @@ Methods (``+`` combines parts):
   of a key-step group in one call; the same images (the math is the same), a different speed: batching
   pays on GPUs, on a small CPU the plain loop can be faster;
 - ``tome``: token merging (``tiec.TokenMergingConfig``), alone or combined (``reuse+tome``);
-- ``deepcache``: DeepCache (``tiec.DeepCacheConfig``), alone or with ``+tome``.
+- ``deepcache``: DeepCache (``tiec.DeepCacheConfig``), alone or with ``+tome``;
+- ``deepcache+extrapolate``: TIEC on DeepCache's cache (``DeepCacheConfig(estimator="extrapolate")``): shallow
+  steps decode from the deep feature extrapolated from the last two full steps instead of the last one's.
 
 Schedules: sampler ``ddim`` (DDIMScheduler) or ``dpm`` (DPMSolverMultistepScheduler, DPM-Solver++),
 the step count, then the key-step spec of ``tiec.schedules``: ``ddim50:faster-diffusion``,
@@ -37,7 +39,7 @@ DEFAULT_METHODS = ("full", "reuse", "reuse+noise", "extrapolate", "interpolate",
                    "reuse+tome", "extrapolate+tome")
 DEFAULT_SCHEDULES = ("ddim50:faster-diffusion", "ddim20:uniform:10", "ddim20:uniform:5", "dpm20:uniform:5")
 METHOD_HELP = ("'full', or one of reuse/extrapolate/interpolate/deepcache/tome, optionally joined with '+noise' "
-               "and '+serial' (estimators only) and '+tome'")
+               "and '+serial' (estimators only) and '+tome'; 'deepcache+extrapolate' for TIEC on DeepCache's cache")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Method:
     deepcache: bool = False
     serial: bool = False
     order2: bool = False
+    deepcache_estimator: str | None = None  # "extrapolate": DeepCache's cached deep feature estimated (TIEC)
 
     @property
     def uses_key_steps(self) -> bool:
@@ -61,8 +64,11 @@ def parse_method(name: str) -> Method:
     """Parse a method name; ValueError naming the name and what is allowed.
 
     Example:
-        >>> parse_method("reuse+noise")
-        Method(name='reuse+noise', estimator='reuse', noise=True, tome=False, deepcache=False, serial=False, order2=False)
+        >>> parse_method("reuse+noise")  # doctest: +NORMALIZE_WHITESPACE
+        Method(name='reuse+noise', estimator='reuse', noise=True, tome=False, deepcache=False, serial=False,
+               order2=False, deepcache_estimator=None)
+        >>> parse_method("extrapolate+deepcache").name  # TIEC on DeepCache's cache: not encoder propagation
+        'deepcache+extrapolate'
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"method={name!r} is empty; expected {METHOD_HELP}")
@@ -82,9 +88,13 @@ def parse_method(name: str) -> Method:
         raise ValueError(f"method={name!r} names several estimators {estimators}; use one of {list(ESTIMATORS)}")
     estimator = estimators[0] if estimators else None
     deepcache = "deepcache" in parts
+    deepcache_estimator = None
     if deepcache and estimator:
-        raise ValueError(f"method={name!r}: deepcache and encoder propagation ({estimator}) cannot be combined "
-                         f"(both cache UNet features)")
+        if estimator != "extrapolate" or any(p in parts for p in ("noise", "serial", "order2")):
+            raise ValueError(f"method={name!r}: deepcache and encoder propagation ({estimator}) cannot be combined "
+                             f"(both cache UNet features); 'deepcache+extrapolate' (TIEC on DeepCache's cache, no "
+                             f"other modifier but '+tome') is the one estimator DeepCache takes")
+        deepcache_estimator, estimator = estimator, None
     for part, what in (("noise", "prior noise injection"), ("serial", "decode non-key steps one by one"),
                        ("order2", "second-order extrapolation")):
         if part in parts and estimator is None:
@@ -94,10 +104,10 @@ def parse_method(name: str) -> Method:
         raise ValueError(f"method={name!r}: '+order2' (the quadratic through the last three key steps) needs "
                          f"'extrapolate' or 'interpolate'")
     tome = "tome" in parts
-    canonical = "+".join([p for p in (estimator, "deepcache" if deepcache else None) if p]
+    canonical = "+".join([p for p in (estimator, "deepcache" if deepcache else None, deepcache_estimator) if p]
                          + (["order2"] if order2 else []) + (["noise"] if noise else [])
                          + (["serial"] if serial else []) + (["tome"] if tome else []))
-    return Method(canonical, estimator, noise, tome, deepcache, serial, order2)
+    return Method(canonical, estimator, noise, tome, deepcache, serial, order2, deepcache_estimator)
 
 
 def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[Method]:
@@ -136,7 +146,8 @@ def build_configs(method: Method, key_steps: Any, noise_injection: float = 0.003
                                                 parallel=not method.serial,
                                                 extrapolation_order=2 if method.order2 else 1))
     if method.deepcache:
-        configs.append(DeepCacheConfig(cache_interval=deepcache_interval))
+        configs.append(DeepCacheConfig(cache_interval=deepcache_interval,
+                                       estimator=method.deepcache_estimator or "reuse"))
     if method.tome:
         configs.append(TokenMergingConfig(ratio=tome_ratio, max_downsample=tome_max_downsample))
     return configs

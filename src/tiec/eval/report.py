@@ -353,11 +353,14 @@ def fid_spread(rows: Sequence[dict]) -> dict[str, Any] | None:
 
 
 def _kind(method: str) -> str:
-    """``full``, ``tiec`` (encoder propagation, alone or with ToMe), ``deepcache`` or ``other`` (ToMe alone)."""
+    """``full``, ``tiec`` (encoder propagation, alone or with ToMe, or TIEC's estimator on DeepCache's cache),
+    ``deepcache`` (as published) or ``other`` (ToMe alone)."""
     from .methods import parse_method
 
     m = parse_method(method)
-    return "full" if m.name == "full" else "tiec" if m.estimator else "deepcache" if m.deepcache else "other"
+    if m.name == "full":
+        return "full"
+    return "tiec" if m.estimator or m.deepcache_estimator else "deepcache" if m.deepcache else "other"
 
 
 def _best_delta(rows: Sequence[dict], curve: Sequence[tuple[float, float]]) -> tuple[float, dict] | None:
