@@ -252,6 +252,17 @@ def test_extrapolate_keeps_distinct_timesteps_and_forgets_other_loops():
         assert not np.array_equal(demo_sample(pipe, 6), first)
 
 
+def test_extrapolate_runs_on_the_meta_device():
+    # FLOP counting: meta timesteps hold no value, so the step index stands in for the timestep
+    unet = tiny_unet().to("meta")
+    meta = dict(device="meta")
+    with torch.no_grad(), tiec.apply(unet, DC(cache_interval=2, estimator="extrapolate")) as handle:
+        handle.start_run(4)
+        for t in (900, 700, 500, 300):
+            out = unet(torch.randn(2, 4, 16, 16, **meta), torch.tensor(t, **meta), torch.randn(2, 7, 32, **meta))
+    assert out.sample.device.type == "meta" and handle.stats["shallow_steps"] == 2
+
+
 def test_bare_unet_needs_start_run():
     unet = tiny_unet()
     with tiec.apply(unet, DC()), pytest.raises(RuntimeError, match="start_run"), torch.no_grad():
@@ -284,6 +295,10 @@ def test_flops_on_sd15(branch, steps):
     assert cached["full_steps"] == full and cached["shallow_steps"] == steps - full
     assert cached["per_step"] == [plain_step if s % 3 == 0 else shallow_step for s in range(steps)]
     assert cached["total"] == full * plain_step + (steps - full) * shallow_step
+    # TIEC's extrapolation of the cached feature adds no UNet FLOPs
+    extrapolated = loop_flops(unet, [DC(cache_interval=3, cache_branch_id=branch, estimator="extrapolate")],
+                              num_steps=steps)
+    assert extrapolated["per_step"] == cached["per_step"]
     ratio = cached["total"] / (steps * plain_step)
     print(f"DeepCache interval 3, branch {branch}, SD1.5 at {steps} steps: {ratio:.4f}x the plain loop's UNet FLOPs")
     if branch == 0:  # README's figure: a shallow step costs 7.9% of a full one

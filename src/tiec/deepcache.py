@@ -57,7 +57,8 @@ class DeepCacheConfig:
             features of the last two full steps, evaluated at this step's timestep (``tiec.estimators.extrapolate``,
             blended in float32 for half precision); the last full step's until two have run, and a full step at the
             timestep of the previous one (Heun, KDPM2) replaces it. Costs no UNet FLOPs, one more cached feature
-            per call position. Default ``"reuse"``.
+            per call position. With ``schedule="non-uniform"`` the gaps between full steps vary, so a forecast
+            can reach a few short intervals beyond the last full step. Default ``"reuse"``.
 
     Example:
         >>> cfg = DeepCacheConfig(cache_interval=5, cache_branch_id=0, schedule="non-uniform")
@@ -204,7 +205,8 @@ class DeepCache(Part):
         if located is None:  # not a step of this loop: the plain UNet, nothing cached
             return inner(*args, **kwargs)
         step, self._position = located
-        self._t = timestep_value(args[1] if len(args) > 1 else kwargs.get("timestep"))
+        if self.config.estimator != "reuse":
+            self._t = _time(run, step, args[1] if len(args) > 1 else kwargs.get("timestep"))
         sample = args[0] if args else kwargs["sample"]
         self._mode = "full" if self._needs_full(run, step, sample) else "shallow"
         if self._mode == "full":
@@ -255,6 +257,16 @@ class DeepCache(Part):
         (t0, old), (t1, new) = history
         (estimate,) = estimators.extrapolate((_first(old),), (_first(new),), t0, t1, self._t)
         return estimate if isinstance(cached, torch.Tensor) else type(cached)((estimate, *_copy(cached)[1:]))
+
+
+def _time(run: _Run, step: int, timestep: Any) -> float:
+    """A step's position on the estimator's axis: its timestep, from the loop's timeline (read once per pipeline
+    call, no device sync per step) or a bare UNet's own; on the meta device (FLOP counting) the step index."""
+    if run.cursor.timeline is not None:
+        return run.cursor.timeline.values[step]
+    if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
+        return float(step)
+    return timestep_value(timestep)
 
 
 def _first(out: Any) -> torch.Tensor:

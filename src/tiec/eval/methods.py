@@ -90,10 +90,14 @@ def parse_method(name: str) -> Method:
     deepcache = "deepcache" in parts
     deepcache_estimator = None
     if deepcache and estimator:
-        if estimator != "extrapolate" or any(p in parts for p in ("noise", "serial", "order2")):
+        if estimator != "extrapolate":
             raise ValueError(f"method={name!r}: deepcache and encoder propagation ({estimator}) cannot be combined "
-                             f"(both cache UNet features); 'deepcache+extrapolate' (TIEC on DeepCache's cache, no "
-                             f"other modifier but '+tome') is the one estimator DeepCache takes")
+                             f"(both cache UNet features); 'deepcache+extrapolate' is TIEC's estimator on "
+                             f"DeepCache's cache")
+        modifiers = [f"+{p}" for p in parts if p in ("noise", "serial", "order2")]
+        if modifiers:
+            raise ValueError(f"method={name!r}: 'deepcache+extrapolate' takes no {', '.join(modifiers)} (encoder "
+                             f"propagation modifiers); only '+tome'")
         deepcache_estimator, estimator = estimator, None
     for part, what in (("noise", "prior noise injection"), ("serial", "decode non-key steps one by one"),
                        ("order2", "second-order extrapolation")):
