@@ -642,7 +642,8 @@ def test_frontier_preset_and_row_errors():
     s = B.BenchSettings.create(frontier=True)
     keys = [i.row_key.split("#")[0] for i in B.plan(s)]
     assert keys[0] == "full@ddim50" and len(keys) == len(set(keys)) == 71
-    for needed in ("full@dpm6", "deepcache@ddim50:every:5", "deepcache+extrapolate@ddim50:every:7", "tome@ddim50", "extrapolate+order2@ddim20:auto:5",
+    for needed in ("full@dpm6", "deepcache@ddim50:every:5", "deepcache+extrapolate@ddim50:every:7", "tome@ddim50",
+                   "extrapolate+order2@ddim20:auto:5",
                    "interpolate@dpm20:uniform:5", "reuse@ddim50:adaptive:0.3", "reuse@ddim50:faster-diffusion",
                    "reuse+noise@ddim50:faster-diffusion", "extrapolate+noise@dpm20:auto:5", "full@dpm10",
                    "extrapolate@dpm10:auto:3", "reuse+noise@ddim12:auto:6"):

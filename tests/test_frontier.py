@@ -195,6 +195,10 @@ def test_verdict_opens_the_report_and_judges_against_twice_the_spread(tmp_path):
     assert verdict([r for r in rows if r["method"] in ("full", "deepcache")], spread) == []  # no tiec row: none
     # TIEC's estimator on DeepCache's cache is a tiec row; plain DeepCache stays the peer it is compared with
     on_cache = [r for r in rows if r["method"] != "extrapolate"] + [_row("deepcache+extrapolate", 50, 48.0, 40.0)]
-    assert verdict(on_cache, spread)[0].startswith("**Goal met**: `deepcache+extrapolate@ddim50`")
+    judged = verdict(on_cache, spread)
+    assert judged[0].startswith("**Goal met**: `deepcache+extrapolate@ddim50`")
+    assert "(FID 48.00, 40.00 GFLOPs/img, TIEC's extrapolation on DeepCache's cache)" in judged[2]
+    with_tome = [r for r in rows if r["method"] != "deepcache"] + [_row("deepcache+tome", 50, 53.0, 60.0)]
+    assert not any("TIEC's extrapolation" in line for line in verdict(with_tome, spread))  # DeepCache with ToMe
     text = write_report(tmp_path, rows, ["sneaker"], spread=spread).read_text().splitlines()
     assert text[0] == "# tiec bench report" and text[2] == met[0]

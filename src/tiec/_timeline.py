@@ -22,6 +22,14 @@ def timestep_value(timestep: Any) -> float:
     return float(timestep)
 
 
+def bare_timestep(timestep: Any, step: int, scale: float = 1.0) -> float:
+    """A bare model call's own timestep times ``scale``; on the meta device (FLOP counting) a timestep holds no value,
+    and the step index stands in."""
+    if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
+        return float(step)
+    return timestep_value(timestep) * scale
+
+
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-4 * max(1.0, abs(a))
 

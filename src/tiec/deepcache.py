@@ -23,7 +23,7 @@ import torch
 
 from . import estimators
 from ._part import Part
-from ._timeline import StepCursor, Timeline, timestep_value
+from ._timeline import StepCursor, Timeline, bare_timestep
 
 SCHEDULES = ("uniform", "non-uniform")
 ESTIMATORS = ("reuse", "extrapolate")
@@ -256,17 +256,15 @@ class DeepCache(Part):
             return _copy(cached)
         (t0, old), (t1, new) = history
         (estimate,) = estimators.extrapolate((_first(old),), (_first(new),), t0, t1, self._t)
-        return estimate if isinstance(cached, torch.Tensor) else type(cached)((estimate, *_copy(cached)[1:]))
+        return estimate if isinstance(cached, torch.Tensor) else type(cached)((estimate, *map(_copy, cached[1:])))
 
 
 def _time(run: _Run, step: int, timestep: Any) -> float:
     """A step's position on the estimator's axis: its timestep, from the loop's timeline (read once per pipeline
-    call, no device sync per step) or a bare UNet's own; on the meta device (FLOP counting) the step index."""
+    call, no device sync per step) or a bare UNet's own (``bare_timestep``: the step index on the meta device)."""
     if run.cursor.timeline is not None:
         return run.cursor.timeline.values[step]
-    if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
-        return float(step)
-    return timestep_value(timestep)
+    return bare_timestep(timestep, step)
 
 
 def _first(out: Any) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from . import estimators, families, schedules
 from ._part import Part
-from ._timeline import StepCursor, Timeline, timestep_value
+from ._timeline import StepCursor, Timeline, bare_timestep, timestep_value
 from ._tree import tile_batch, tree_clone, tree_leaves, tree_map, tree_rebuild
 from .noise import PriorNoiseInjection
 from .split import Features
@@ -400,9 +400,7 @@ class EncoderPropagation(Part):
         step, slot = located
         t = run.time(step)
         if t is None:
-            # a bare model's own timestep; on the meta device (FLOP counting) there is none: the step stands in
-            meta = isinstance(timestep, torch.Tensor) and timestep.device.type == "meta"
-            t = float(step) if meta else timestep_value(timestep) * self.family.timestep_scale
+            t = bare_timestep(timestep, step, self.family.timestep_scale)
         if step in run.key_set or slot.batch() != sample.shape[0]:
             if step not in run.key_set:
                 self._fallback("recomputed_steps", "a non-key step ran in full: its batch differs from the "

@@ -369,7 +369,9 @@ def _best_delta(rows: Sequence[dict], curve: Sequence[tuple[float, float]]) -> t
 
 
 def _describe(row: dict, delta: float) -> str:
-    on_cache = ", TIEC's extrapolation on DeepCache's cache" if row["method"].startswith("deepcache+") else ""
+    from .methods import parse_method
+
+    on_cache = ", TIEC's extrapolation on DeepCache's cache" if parse_method(row["method"]).deepcache_estimator else ""
     return (f"`{row['method']}@{row['schedule']}` (FID {_num(row.get('fid'))}, {_num(row.get('gflops_per_image'))} "
             f"GFLOPs/img{on_cache}): {delta:+.2f}")
 
@@ -385,8 +387,9 @@ def verdict(rows: Sequence[dict], spread: dict[str, Any] | None, missing: Sequen
     below minus twice the seed-to-seed spread of FID against the plain DDIM curve and against the plain DPM-Solver++
     curve, and tiec's best delta beats DeepCache's best (both against the DDIM curve, on which DeepCache runs). Tiec
     rows are encoder propagation and TIEC's extrapolation on DeepCache's cache (``deepcache+extrapolate``, named as
-    such where it is the best); DeepCache's are DeepCache as published. The verdict is pending, naming what is missing, without both curves, a DeepCache row within the DDIM curve's range,
-    or a spread from ``SPREAD_SETS`` disjoint seed sets. [] without any plain curve or tiec row.
+    such where it is the best); DeepCache's are DeepCache as published. The verdict is pending, naming what is
+    missing, without both curves, a DeepCache row within the DDIM curve's range, or a spread from ``SPREAD_SETS``
+    disjoint seed sets. [] without any plain curve or tiec row.
 
     Args:
         rows: the run's rows.
