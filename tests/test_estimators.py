@@ -178,3 +178,20 @@ def test_second_order_in_a_pipeline(sd_pipe):
     assert not np.allclose(outs[1, False], outs[2, False])  # steps 7-9 use the quadratic through keys 2, 4, 6
     with pytest.raises(ValueError, match="extrapolation_order=3"):
         tiec.EncoderPropagationConfig(extrapolation_order=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_blend_written_into_a_buffer_equals_blend(dtype):
+    # batched decoders write each step's blend straight into their input buffer with torch.lerp(out=); the
+    # values must be blend()'s bit for bit (serial and batched decoders see the same features)
+    g = torch.Generator().manual_seed(2)
+    a, b = ((100 * torch.randn(2, 8, 16, 16, generator=g)).to(dtype) for _ in range(2))
+    end_a, end_b = E.blend_ends(a, b)
+    assert end_b.dtype == torch.float32 and (end_b is b) == (dtype == torch.float32)
+    for w in (-19.0, -2.5, -0.2, 0.3, 0.5, 0.75, 1.0):
+        buffer = torch.empty(4, 8, 16, 16, dtype=dtype)
+        torch.lerp(end_b, end_a, w, out=buffer[2:])
+        want = E.blend((a,), (b,), w)[0]
+        assert want.dtype == dtype and torch.equal(buffer[2:], want)
+        exact = w * a.double() + (1 - w) * b.double()  # independent: the line in float64
+        assert (want.double() - exact).abs().max() <= 2 * (exact.abs().max() * torch.finfo(dtype).eps)

@@ -363,13 +363,13 @@ def test_self_attention_guidance_is_refused():
 def test_bare_unet_extrapolates_to_the_calls_own_timestep(monkeypatch):
     unet = tiny_unet()
     seen = []
-    original = estimators.extrapolate
+    original = estimators.line_weight  # the extrapolation's weight, from the two key steps' and this step's t
 
-    def spy(f1, f2, t1, t2, t_s, *rest):
+    def spy(t1, t2, t_s):
         seen.append((t1, t2, t_s))
-        return original(f1, f2, t1, t2, t_s, *rest)
+        return original(t1, t2, t_s)
 
-    monkeypatch.setattr(estimators, "extrapolate", spy)
+    monkeypatch.setattr(estimators, "line_weight", spy)
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
     with tiec.apply(unet, FD(key_steps=[0, 1], estimator="extrapolate")) as handle:
         handle.start_run(3)

@@ -38,10 +38,23 @@ def blend(f_a: Sequence[torch.Tensor], f_b: Sequence[torch.Tensor], w: float) ->
         (tensor(3.),)
     """
     def one(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if b.dtype in (torch.float16, torch.bfloat16):
-            return torch.lerp(b.float(), a.float(), w).to(b.dtype)
-        return torch.lerp(b, a, w)
+        a, b32 = blend_ends(a, b)
+        return torch.lerp(b32, a, w).to(b.dtype) if b32 is not b else torch.lerp(b, a, w)
     return tuple(one(a, b) for a, b in zip(f_a, f_b))
+
+
+def blend_ends(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two tensors ``blend`` interpolates between, in the precision it computes in (float32 for half-precision
+    features, else the tensors themselves), so that ``torch.lerp(b, a, w, out=...)`` gives ``blend``'s values.
+
+    Example:
+        >>> a, b = blend_ends(torch.ones(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float16))
+        >>> a.dtype, b.dtype
+        (torch.float32, torch.float32)
+    """
+    if b.dtype in (torch.float16, torch.bfloat16):
+        return a.float(), b.float()
+    return a, b
 
 
 def reuse(f_last: Sequence[torch.Tensor]) -> Features:

@@ -511,13 +511,23 @@ class EncoderPropagation(Part):
             control = tuple(down_control) + (mid_control,)
             call["down_block_additional_residuals"] = call["mid_block_additional_residual"] = None
         buffers: list[torch.Tensor] | None = None
+        ends: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # each line's ends, converted once
         for i, s in enumerate(steps):
-            features = self._estimate(run, slot, s)
+            line = self._line(run, slot, s)
+            features = line[1] if line is not None else self._estimate(run, slot, s)
             if buffers is None:  # a feature's batch may differ from the input's: video UNets fold the frames in
                 buffers = [f.new_empty((times * f.shape[0],) + f.shape[1:]) for f in features]
             for j, f in enumerate(features):
                 part = buffers[j][i * f.shape[0]:(i + 1) * f.shape[0]]
-                if control is not None:
+                if line is not None:  # the blend written straight into the buffer: one kernel per feature and step
+                    pair = (id(line[0][j]), id(f))
+                    if pair not in ends:
+                        ends[pair] = estimators.blend_ends(line[0][j], f)
+                    a, b = ends[pair]
+                    torch.lerp(b, a, line[2], out=part)
+                    if control is not None:
+                        part.add_(control[j])
+                elif control is not None:
                     torch.add(f, control[j], out=part)
                 else:
                     part.copy_(f)
@@ -549,25 +559,39 @@ class EncoderPropagation(Part):
 
         ``t`` is the step's timestep when the run has no timeline (a bare UNet: the call's own).
         """
+        line = self._line(run, slot, step, t)
+        if line is not None:
+            return estimators.blend(*line)
+        keys = sorted(slot.features)
+        if self.config.estimator in ("extrapolate", "interpolate") and len(keys) == 3:
+            (k0, k1, key), coords = keys, slot.key_coords
+            return estimators.extrapolate_quadratic(slot.features[k0], slot.features[k1], slot.features[key],
+                                                    coords[k0], coords[k1], coords[key], self._here(run, step, t))
+        return estimators.reuse(slot.features[keys[-1]])
+
+    def _here(self, run: _Run, step: int, t: float | None) -> float:
+        t = run.time(step) if run.timesteps is not None else t
+        return self._coord(step, t if t is not None else 0.0)
+
+    def _line(self, run: _Run, slot: _Slot, step: int,
+              t: float | None = None) -> tuple[Features, Features, float] | None:
+        """``(f_a, f_b, w)`` where step ``step``'s estimate is the line ``w*f_a + (1-w)*f_b``: interpolation to the
+        predicted next key step, or extrapolation from the last two key steps; None for reuse and second order."""
         key = max(slot.features)
         current = slot.features[key]
         estimator = self.config.estimator
-        t = run.time(step) if run.timesteps is not None else t
-        here = self._coord(step, t if t is not None else 0.0)
         if estimator == "interpolate" and key in slot.predicted:
             next_key = run.next_key(step)
-            return estimators.interpolate(current, slot.predicted[key], slot.key_coords[key],
-                                          self._coord(next_key, run.time(next_key)), here)
-        keys = sorted(slot.features)
-        if estimator in ("extrapolate", "interpolate") and len(keys) == 3:
-            (k0, k1), coords = keys[:2], slot.key_coords
-            return estimators.extrapolate_quadratic(slot.features[k0], slot.features[k1], current, coords[k0],
-                                                    coords[k1], coords[key], here)
-        if estimator in ("extrapolate", "interpolate") and len(keys) >= 2:
-            previous = keys[-2]
-            return estimators.extrapolate(slot.features[previous], current, slot.key_coords[previous],
-                                          slot.key_coords[key], here, self.config.max_extrapolation)
-        return estimators.reuse(current)
+            w = estimators.line_weight(slot.key_coords[key], self._coord(next_key, run.time(next_key)),
+                                       self._here(run, step, t))
+            return current, slot.predicted[key], w
+        if estimator in ("extrapolate", "interpolate") and len(slot.features) == 2:
+            previous = min(slot.features)
+            w = estimators.line_weight(slot.key_coords[previous], slot.key_coords[key], self._here(run, step, t))
+            if self.config.max_extrapolation is not None:
+                w = max(w, -self.config.max_extrapolation)
+            return slot.features[previous], current, w
+        return None
 
     def _look_ahead(self, inner, run: _Run, step: int, next_key: int, model_output: torch.Tensor,
                     call: dict) -> Features:
