@@ -37,6 +37,12 @@ def _propagation(estimator: str, parallel: bool) -> Callable[[argparse.Namespace
     return build
 
 
+def _tome(args: argparse.Namespace) -> tiec.TokenMergingConfig:
+    # ToMe's published setting merges at the highest-resolution attention level: max_downsample=1 on SD1.5,
+    # 2 on SDXL (whose first level has no attention); run() sets it for each model
+    return tiec.TokenMergingConfig(ratio=0.5, max_downsample=getattr(args, "tome_max_downsample", 1))
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("plain", lambda args: ()),
     Method("reuse-serial", _propagation("reuse", False), propagation=True),
@@ -44,9 +50,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("extrapolate", _propagation("extrapolate", True), propagation=True),
     Method("interpolate", _propagation("interpolate", True), propagation=True),
     Method("deepcache", lambda args: (tiec.DeepCacheConfig(cache_interval=3, cache_branch_id=0),)),
-    Method("tome", lambda args: (tiec.TokenMergingConfig(ratio=0.5),)),
-    Method("reuse+tome", lambda args: _propagation("reuse", True)(args) + (tiec.TokenMergingConfig(ratio=0.5),),
-           propagation=True),
+    Method("tome", lambda args: (_tome(args),)),
+    Method("reuse+tome", lambda args: _propagation("reuse", True)(args) + (_tome(args),), propagation=True),
 )}
 
 

@@ -139,7 +139,12 @@ def render(tables: list[Table], args: argparse.Namespace, device: torch.device, 
         "- UNet calls: counted calls of `pipe.unet` per pipeline call; encoder/decoder runs: `handle.stats` of the "
         "last call (for plain, every call runs both).",
         "- Methods (tiec configs applied):"]
-    lines += [f"  - `{name}`: `{row.configs or '-'}`" for name, row in _method_configs(tables).items()]
+    for name, configs in _method_configs(tables).items():
+        if len(configs) == 1:
+            lines.append(f"  - `{name}`: `{next(iter(configs)) or '-'}`")
+        else:  # set per model (ToMe's max_downsample)
+            lines.append(f"  - `{name}`: " + "; ".join(f"`{config or '-'}` ({', '.join(models)})"
+                                                      for config, models in configs.items()))
     lines.append("")
     for table in tables:
         lines += table_markdown(table, device)
@@ -148,12 +153,18 @@ def render(tables: list[Table], args: argparse.Namespace, device: torch.device, 
     return "\n".join(lines) + "\n"
 
 
-def _method_configs(tables: list[Table]) -> dict[str, Row]:
-    seen: dict[str, Row] = {}
+def _method_configs(tables: list[Table]) -> dict[str, dict[str, list[str]]]:
+    """Each method's configs as run, with the models that ran each (a failed build has none: left out if another
+    table has one)."""
+    seen: dict[str, dict[str, list[str]]] = {}
     for table in tables:
         for row in table.rows:
-            if row.method not in seen or (not seen[row.method].configs and row.configs):
-                seen[row.method] = row
+            models = seen.setdefault(row.method, {}).setdefault(row.configs, [])
+            if table.model not in models:
+                models.append(table.model)
+    for configs in seen.values():
+        if len(configs) > 1:
+            configs.pop("", None)
     return seen
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import tiec
+from tiec.tome import first_attention_downsample
 
 # This file is the command line; the parts sit next to it (on sys.path when run as a script):
 # _gpu_models builds the pipelines, _gpu_measure times the methods, _gpu_report writes the report.
@@ -169,6 +170,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, comm
         spec = model_spec(key, args.tiny)
         print(f"building {spec.title} ({args.dtype}, {device})", flush=True)
         pipe = build_pipeline(spec, device, dtype)
+        args.tome_max_downsample = first_attention_downsample(pipe.unet) or 1
         eager_tables: dict[int, Table] = {}
         for compiled in ((False, True) if args.compile else (False,)):
             compile_note = ""

@@ -127,6 +127,18 @@ def test_peers_run(report):
             assert rows[name]["status"] == "ok", rows[name]
 
 
+def test_tome_merges_at_each_models_first_attention_level(report):
+    # SDXL's first level has no attention: ToMe's max_downsample=1 would merge nothing there
+    for table in report["data"]["tables"]:
+        rows = {r["method"]: r for r in table["rows"]}
+        level = 2 if table["model"] == "sdxl" else 1
+        for name in ("tome", "reuse+tome"):
+            assert f"max_downsample={level}," in rows[name]["configs"]
+            assert rows[name]["stats"]["merged_blocks"] > 0
+    assert re.search(r"- `tome`: `TokenMergingConfig\(ratio=0.5, max_downsample=1,.*\(sd15\); "
+                     r"`TokenMergingConfig\(ratio=0.5, max_downsample=2,.*\(sdxl\)", report["text"])
+
+
 def test_failures_are_reported_in_their_rows_and_the_rest_still_runs(report):
     for heading, rows in md_tables(report["text"]).items():
         by_name = {r["method"]: r for r in rows}

@@ -1,5 +1,7 @@
 """Token merging: the matching kernels on hand-made tokens, exactness at ratio 0, FLOPs, pipelines, combinations."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -196,9 +198,16 @@ def test_odd_batch_uses_the_fixed_partition(sd_pipe):
 def test_sdxl_merges_at_the_second_level():
     pipe = make_pipe("sdxl")
     plain = run(pipe, "sdxl", steps=3)
-    with tiec.apply(pipe, ToMe(ratio=0.5)) as handle:  # SDXL has no attention at full resolution
+    # SDXL has no attention at full resolution (its config's first down block is a plain DownBlock2D)
+    assert pipe.unet.config.down_block_types[0] == "DownBlock2D"
+    assert tiec.tome.first_attention_downsample(pipe.unet) == 2
+    with tiec.apply(pipe, ToMe(ratio=0.5)) as handle, \
+            pytest.warns(UserWarning, match="merged nothing.*max_downsample=1 times.*max_downsample=2") as caught:
         assert np.array_equal(run(pipe, "sdxl", steps=3), plain) and handle.stats["merged_blocks"] == 0
-    with tiec.apply(pipe, ToMe(ratio=0.5, max_downsample=2, merge_crossattn=True, merge_mlp=True)) as handle:
+    assert sum("merged nothing" in str(w.message) for w in caught) == 1  # once, not per UNet call
+    with tiec.apply(pipe, ToMe(ratio=0.5, max_downsample=2, merge_crossattn=True, merge_mlp=True)) as handle, \
+            warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ToMe merged nothing")
         out = run(pipe, "sdxl", steps=3)
     # 8 x 8 level: 1 down attention x 2 layers, the mid block's 2 layers, 2 up attentions x 2 layers
     assert handle.stats["merged_blocks"] == 3 * (2 + 2 + 4)

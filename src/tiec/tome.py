@@ -11,6 +11,7 @@ matching) and the sub-layers' ``forward`` (to merge and unmerge around them).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -76,6 +77,29 @@ class TokenMergingConfig:
                              "set at least one to True")
 
 
+def first_attention_downsample(unet: torch.nn.Module) -> int | None:
+    """How many times (per side) ``unet``'s highest-resolution transformer blocks are downsampled: the
+    ``max_downsample`` that merges there. 1 on SD1.5, 2 on SDXL (its first level has no attention); None
+    where the down blocks hold no transformer block.
+
+    Example:
+        >>> from diffusers import UNet2DConditionModel
+        >>> from tiec.testing import TINY_SD_UNET_CONFIG, TINY_SDXL_UNET_CONFIG
+        >>> [first_attention_downsample(UNet2DConditionModel(**config))
+        ...  for config in (TINY_SD_UNET_CONFIG, TINY_SDXL_UNET_CONFIG)]
+        [1, 2]
+    """
+    from diffusers.models.attention import BasicTransformerBlock
+
+    factor = 1
+    for block in getattr(unet, "down_blocks", ()):
+        if any(isinstance(m, BasicTransformerBlock) for m in block.modules()):
+            return factor
+        if getattr(block, "downsamplers", None):
+            factor *= 2
+    return None
+
+
 class _Matching(NamedTuple):
     merge: MergeFn
     unmerge: MergeFn
@@ -95,6 +119,8 @@ class TokenMerging(Part):
         self._size: tuple[int, int] | None = None   # latent height, width of the UNet call running now
         self._matching: _Matching | None = None       # of the block running now
         self._generators: dict[torch.device, torch.Generator] = {}  # tiec's own, one per device, made on demand
+        self._blocks = [0, 0]  # transformer block evaluations, and those at too low a resolution to merge
+        self._warned = False
         self.patch(self.unet, "forward", self._unet_forward)
         layers = [("attn1", self.config.merge_attn), ("attn2", self.config.merge_crossattn),
                   ("ff", self.config.merge_mlp)]
@@ -142,10 +168,21 @@ class TokenMerging(Part):
     def _unet_forward(self, inner, *args, **kwargs):
         sample = args[0] if args else kwargs["sample"]
         previous, self._size = self._size, tuple(sample.shape[-2:])
+        blocks = list(self._blocks)
         try:
-            return inner(*args, **kwargs)
+            out = inner(*args, **kwargs)
         finally:
             self._size = previous
+        ran, too_small = self._blocks[0] - blocks[0], self._blocks[1] - blocks[1]
+        if previous is None and ran and ran == too_small and not self._warned:
+            self._warned = True
+            level = first_attention_downsample(self.unet)
+            hint = f"; this UNet's first attention level is downsampled {level}x: max_downsample={level}" \
+                if level else ""
+            warnings.warn(f"ToMe merged nothing in this UNet call: none of its {ran} transformer block evaluations "
+                          f"runs at a resolution downsampled at most max_downsample={self.config.max_downsample} "
+                          f"times{hint}", stacklevel=2)
+        return out
 
     def _block_forward(self, inner, *args, **kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -187,6 +224,8 @@ class TokenMerging(Part):
         batch, tokens, _ = hidden.shape
         r = int(self.config.ratio * tokens)
         grid = self._grid(tokens)
+        self._blocks[0] += 1
+        self._blocks[1] += grid is None
         if r == 0 or grid is None:
             return None
         h, w = grid
