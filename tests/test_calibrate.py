@@ -25,24 +25,57 @@ def _random_tables(n, seed):
     reuse = np.triu(rng.random((n, n)) * rng.random(n)[None, :], 1)
     reuse[np.tril_indices(n)] = np.nan
     pairs = rng.random((n, n, n))
-    return reuse, pairs
+    triples = rng.random((n, n, n, n))
+    return reuse, pairs, triples
 
 
-def _brute_force(n, num_keys, reuse, pairs=None):
-    return min(C.schedule_cost((0, *rest), reuse, pairs) for rest in itertools.combinations(range(1, n), num_keys - 1))
+def _brute_force(n, num_keys, reuse, pairs=None, triples=None):
+    """The least objective over every key set, each summed step by step from the tables (no shared code with the
+    optimiser: the last keys before each step are looked up here)."""
+    best = math.inf
+    for rest in itertools.combinations(range(1, n), num_keys - 1):
+        keys, total = (0, *rest), 0.0
+        for s in range(n):
+            before = [k for k in keys if k <= s]
+            if before[-1] == s:
+                continue
+            if pairs is None or len(before) == 1:
+                total += reuse[before[-1], s]
+            elif triples is None or len(before) == 2:
+                total += pairs[before[-2], before[-1], s]
+            else:
+                total += triples[before[-3], before[-2], before[-1], s]
+        best = min(best, total)
+    return best
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 10])
-@pytest.mark.parametrize("with_pairs", [False, True])
-def test_dynamic_programming_matches_brute_force(n, with_pairs):
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 10])
+@pytest.mark.parametrize("tables", ["reuse", "pairs", "triples"])
+def test_dynamic_programming_matches_brute_force(n, tables):
     for seed in range(3):
-        reuse, pairs = _random_tables(n, seed)
-        pairs = pairs if with_pairs else None
+        reuse, pairs, triples = _random_tables(n, seed)
+        pairs = pairs if tables != "reuse" else None
+        triples = triples if tables == "triples" else None
         for num_keys in range(1, n + 1):
-            keys, cost = C.optimal_key_steps(num_keys, reuse, pairs)
+            keys, cost = C.optimal_key_steps(num_keys, reuse, pairs, triples)
             assert len(keys) == num_keys and keys[0] == 0 and list(keys) == sorted(set(keys)) and keys[-1] < n
-            assert cost == pytest.approx(C.schedule_cost(keys, reuse, pairs), rel=1e-12, abs=1e-12)
-            assert cost == pytest.approx(_brute_force(n, num_keys, reuse, pairs), rel=1e-12, abs=1e-12)
+            assert cost == pytest.approx(C.schedule_cost(keys, reuse, pairs, triples), rel=1e-12, abs=1e-12)
+            assert cost == pytest.approx(_brute_force(n, num_keys, reuse, pairs, triples), rel=1e-12, abs=1e-12)
+
+
+def test_triple_objective_prefers_keys_where_the_parabola_is_cheap():
+    """A table where only one triple forecasts well: the optimum must put those three keys last."""
+    n = 7
+    reuse = np.triu(np.full((n, n), 5.0), 1)
+    pairs = np.full((n, n, n), 3.0)
+    triples = np.full((n, n, n, n), 2.0)
+    triples[1, 2, 3] = 0.0  # the quadratic through keys 1, 2, 3 is exact
+    keys, cost = C.optimal_key_steps(4, reuse, pairs, triples)
+    assert keys == (0, 1, 2, 3) and cost == 0.0
+    keys, cost = C.optimal_key_steps(4, reuse, pairs)  # order 1 ignores it: its cost only depends on the spacing
+    assert cost == pytest.approx(3.0 * 3)
+    with pytest.raises(ValueError, match="needs the pairs table"):
+        C.optimal_key_steps(4, reuse, None, triples)
 
 
 def test_pair_objective_uses_reuse_after_the_first_key_only():
@@ -81,7 +114,8 @@ def demo():
 @pytest.fixture(scope="module")
 def demo_calibration(demo, tmp_path_factory):
     folder = tmp_path_factory.mktemp("calibration")
-    calibration = C.calibration_for(demo, STEPS, "extrapolate", num_samples=2, cache_dir=folder, progress=False)
+    calibration = C.calibration_for(demo, STEPS, "extrapolate", num_samples=2, cache_dir=folder, progress=False,
+                                    extrapolation_order=2)
     return calibration, folder
 
 
@@ -109,14 +143,18 @@ def _guided(out, scale):
     return uncond + scale * (cond - uncond)
 
 
-@pytest.mark.parametrize("keys, step", [((0, 2), 4), ((0, 1, 3), 5)])
+@pytest.mark.parametrize("keys, step", [((0, 2), 4), ((0, 1, 3), 5), ((0, 1, 2, 4), 5), ((0, 1, 3, 4), 5)])
 def test_table_entry_matches_a_decode_by_hand(demo, demo_calibration, keys, step):
-    """One entry, recomputed through tiec's own bare-UNet path on the plain run's recorded inputs."""
+    """One entry, recomputed through tiec's own bare-UNet path on the plain run's recorded inputs (the last one,
+    two or three of ``keys`` are the keys the estimate uses; the keys before them are every step)."""
     calibration, _ = demo_calibration
     calls = _plain_trace(demo, 2)
-    estimator = "reuse" if len(keys) == 2 else "extrapolate"
-    key_steps = list(range(keys[-2] + 1)) + [keys[-1]] if estimator == "extrapolate" else list(range(keys[-1] + 1))
-    handle = tiec.apply(demo.unet, tiec.EncoderPropagationConfig(key_steps=key_steps, estimator=estimator))
+    used = len(keys) - 1  # reuse: 1 key, extrapolate: 2, order 2: 3
+    estimator = "reuse" if used == 1 else "extrapolate"
+    key_steps = list(range(keys[-used] + 1)) + list(keys[len(keys) - used + 1:])
+    config = tiec.EncoderPropagationConfig(key_steps=key_steps, estimator=estimator,
+                                           extrapolation_order=2 if used == 3 else 1)
+    handle = tiec.apply(demo.unet, config)
     try:
         handle.start_run(STEPS)
         with torch.no_grad():
@@ -127,9 +165,8 @@ def test_table_entry_matches_a_decode_by_hand(demo, demo_calibration, keys, step
         handle.remove()
     g = DEFAULT_GUIDANCE
     expected = float((_guided(out, g).double() - _guided(calls[step][2], g).double()).pow(2).mean())
-    table = calibration.reuse_mse[keys[-1], step] if estimator == "reuse" else \
-        calibration.pairs_mse[keys[-2], keys[-1], step]
-    assert table == pytest.approx(expected, rel=1e-4)
+    table = {1: calibration.reuse_mse, 2: calibration.pairs_mse, 3: calibration.triples_mse}[used]
+    assert table[(*keys[-used:], step)] == pytest.approx(expected, rel=1e-4)
 
 
 def test_store_round_trip_and_reuse_of_matching_inputs(demo, demo_calibration, monkeypatch):
@@ -141,9 +178,19 @@ def test_store_round_trip_and_reuse_of_matching_inputs(demo, demo_calibration, m
     loaded = C.Calibration.from_json(data)
     np.testing.assert_allclose(loaded.reuse_mse, calibration.reuse_mse)
     np.testing.assert_allclose(loaded.pairs_mse, calibration.pairs_mse)
+    np.testing.assert_allclose(loaded.triples_mse, calibration.triples_mse)
+    assert np.isnan(loaded.triples_mse[1, 1, 2, 3]) and not np.isnan(loaded.triples_mse[0, 1, 2, 3])
     monkeypatch.setattr(C, "measure", lambda *a, **k: pytest.fail("a matching stored calibration was measured again"))
     keys = C.calibrate(demo, STEPS, 3, "extrapolate", num_samples=2, cache_dir=folder)
     assert tuple(keys) == calibration.solve(3, "extrapolate")
+    keys = C.calibrate(demo, STEPS, 4, "extrapolate", num_samples=2, cache_dir=folder, extrapolation_order=2)
+    assert tuple(keys) == calibration.solve(4, "extrapolate", 2)
+    assert calibration.objective("extrapolate", 2) == "extrapolate2" and calibration.objective("interpolate", 2) \
+        == "reuse"
+    # a calibration stored without the second-order table (order 1, or before it existed) falls back to order 1
+    older = C.Calibration.from_json({k: v for k, v in data.items() if k != "extrapolate2_mse"})
+    assert older.triples_mse is None and older.objective("extrapolate", 2) == "extrapolate"
+    assert older.solve(4, "extrapolate", 2) == calibration.solve(4, "extrapolate")
     assert schedules.calibrate(demo, STEPS, 3, num_samples=2, cache_dir=folder) == list(calibration.solve(3))
 
 
@@ -219,6 +266,34 @@ def test_auto_needs_a_stored_calibration_outside_the_demo(tmp_path, monkeypatch)
     assert len(keys) == 2 and keys[0] == 0
 
 
+def test_auto_with_order_two_measures_the_second_order_table(tmp_path, monkeypatch):
+    """A stored order-1 calibration lacks the table order 2 is optimised on: the demo measures it once, and
+    ``auto:K`` with ``extrapolation_order=2`` then runs the keys of the second-order objective."""
+    monkeypatch.setenv("TIEC_CACHE_DIR", str(tmp_path))
+    pipe = make_demo_pipe()
+    real, measured = C.measure, []
+
+    def counting(*args, **kwargs):
+        measured.append(kwargs.get("extrapolation_order", 1))
+        return real(*args, **dict(kwargs, num_samples=1, progress=False))
+
+    monkeypatch.setattr(C, "measure", counting)
+    first = tiec.EncoderPropagationConfig(key_steps="auto:4", estimator="extrapolate")
+    second = tiec.EncoderPropagationConfig(key_steps="auto:4", estimator="extrapolate", extrapolation_order=2)
+    _demo_images(pipe, first)
+    assert measured == [1]
+    with tiec.apply(pipe, second) as handle:
+        with torch.no_grad():
+            pipe(["bag"], num_inference_steps=STEPS, output_type="np")
+        used = handle.parts[0].last_key_steps
+    assert measured == [1, 2]
+    stored = C.load(C.calibration_key(pipe.unet, pipe.scheduler, STEPS, DEFAULT_GUIDANCE))
+    assert stored.triples_mse is not None and used == stored.solve(4, "extrapolate", 2)
+    _demo_images(pipe, first)
+    _demo_images(pipe, second)
+    assert measured == [1, 2]  # both read the store now
+
+
 def test_calibration_refuses_other_methods_on_the_unet(tmp_path):
     pipe = make_demo_pipe()
     with tiec.apply(pipe, tiec.TokenMergingConfig(ratio=0.5)):
@@ -259,12 +334,17 @@ def test_cli_calibrate(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 0 and "key steps (2 of 5, DDIMScheduler, reuse objective): 0," in out
     assert "uniform:2" in out and str(tmp_path) in out
+    code = main(["calibrate", "--steps", "5", "--keys", "3", "--num-samples", "1", "--cache-dir", str(tmp_path),
+                 "--estimator", "extrapolate", "--order", "2", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "key steps (3 of 5, DDIMScheduler, extrapolate2 objective): 0," in out
 
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--keys", "0"], "--keys 0: must be an integer >= 1"),
     (["--steps", "4", "--keys", "5"], "--keys 5: at most --steps 4"),
     (["--prompts", "spaceship"], "names no known class"),
+    (["--max-triple-steps", "0"], "--max-triple-steps 0: must be an integer >= 1"),
 ])
 def test_cli_calibrate_errors(argv, fragment, capsys):
     assert main(["calibrate", *argv]) == 2

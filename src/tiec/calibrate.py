@@ -34,8 +34,15 @@ of the accelerated run is neglected): what makes the cost of an interval depend 
 triple ``k1 < k2 < s`` (C(n, 3): 19,600 at 50 steps, about 45 minutes on one CPU thread for the demo with 8
 samples, seconds on a GPU), so it is measured only up to ``max_pair_steps`` steps (default: 30 where the UNet is
 on a CPU, no bound on a GPU); beyond that the ``reuse`` objective chooses the key steps, and this is logged.
-``interpolate`` and ``extrapolation_order=2`` are not modelled exactly: ``interpolate`` uses the ``reuse``
-objective, order 2 the order-1 ``extrapolate`` objective.
+
+**Second order.** With ``extrapolate`` and ``extrapolation_order=2`` a non-key step decodes from the quadratic in
+``t`` through the last three keys ``(k1, k2, k3)`` (the line through ``(0, k2)`` while two keys exist, ``reuse`` of
+key 0 while it is the only one), so the state of the dynamic programme is the last three keys, O(K n^4), and the
+table needs a decoder evaluation for every ``k1 < k2 < k3 < s`` (C(n, 4): 4,845 at 20 steps, about 15 minutes on
+one CPU thread for the demo with 8 samples; 27,405 at 30 steps). It is measured up to ``max_triple_steps`` steps
+(default 20 on a CPU, 30 on a GPU); beyond that order 2 is calibrated with the order-1 ``extrapolate`` objective
+(or ``reuse``'s, without that table), and this is logged. ``interpolate`` is not modelled exactly: it uses the
+``reuse`` objective. The estimates are formed in ``t`` (``blend_space="t"``, the default).
 
 **Seeds.** Calibration sample ``i`` uses seed ``CALIBRATION_SEED + i`` (1,000,000 + i); ``tiec bench`` and
 ``tiec generate`` use small seeds (``seed + i`` from 0), so calibration never sees an evaluation sample.
@@ -75,6 +82,8 @@ CALIBRATION_SEED = 1_000_000
 DEFAULT_NUM_SAMPLES = 8
 EXACT_PAIR_MAX_STEPS = 30
 """The longest loop whose ``extrapolate`` table (C(n, 3) decodes per sample) is measured by default on a CPU."""
+EXACT_TRIPLE_MAX_STEPS = {"cpu": 20, "gpu": 30}
+"""The longest loop whose second-order table (C(n, 4) decodes per sample) is measured by default."""
 FINGERPRINT_ELEMENTS = 4096
 FORMAT = 2  # 2: measured weights
 
@@ -96,8 +105,17 @@ def _pair_costs(pairs: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros((n, n, 1)), np.cumsum(above, axis=2)], axis=2)
 
 
-def optimal_key_steps(num_keys: int, reuse: np.ndarray,
-                      pairs: np.ndarray | None = None) -> tuple[tuple[int, ...], float]:
+def _triple_costs(triples: np.ndarray) -> np.ndarray:
+    """``T[k1, k2, k3, b]``: the summed errors of the steps strictly between ``k3`` and ``b`` after keys
+    ``k1 < k2 < k3``."""
+    n = triples.shape[0]
+    after = np.arange(n)[None, None, :, None] < np.arange(n)[None, None, None, :]  # s > k3
+    above = np.where(after, np.nan_to_num(triples), 0.0)
+    return np.concatenate([np.zeros((n, n, n, 1)), np.cumsum(above, axis=3)], axis=3)
+
+
+def optimal_key_steps(num_keys: int, reuse: np.ndarray, pairs: np.ndarray | None = None,
+                      triples: np.ndarray | None = None) -> tuple[tuple[int, ...], float]:
     """The key set of ``num_keys`` steps (step 0 included) with the least summed error, and that error.
 
     Args:
@@ -105,8 +123,11 @@ def optimal_key_steps(num_keys: int, reuse: np.ndarray,
         reuse: (n, n) array, ``reuse[k, s]`` the error of step ``s > k`` decoded from key ``k``'s features.
         pairs: optional (n, n, n) array, ``pairs[k1, k2, s]`` the error of step ``s > k2`` when ``k1 < k2`` are
             the last two keys (``extrapolate``); steps after key 0 alone take ``reuse[0, s]``.
+        triples: optional (n, n, n, n) array (with ``pairs``), ``triples[k1, k2, k3, s]`` the error of step
+            ``s > k3`` when ``k1 < k2 < k3`` are the last three keys (second order); two keys take ``pairs``.
 
-    Exact dynamic programming, O(K n^2) (``reuse``) or O(K n^3) (``pairs``); ties go to the earlier key.
+    Exact dynamic programming, O(K n^2) (``reuse``), O(K n^3) (``pairs``) or O(K n^4) (``triples``); ties go to the
+    earlier key.
 
     Example:
         >>> reuse = np.triu(np.ones((4, 4)), 1)   # every non-key step costs 1
@@ -119,6 +140,10 @@ def optimal_key_steps(num_keys: int, reuse: np.ndarray,
     costs = _interval_costs(reuse)
     if num_keys == 1:
         return (0,), float(costs[0, n])
+    if triples is not None and pairs is None:
+        raise ValueError("optimal_key_steps: the triples table needs the pairs table (the stretch after two keys)")
+    if triples is not None and num_keys >= 3:
+        return _optimal_with_triples(num_keys, costs, _pair_costs(pairs), triples)
     if pairs is None:
         best = np.full(n, np.inf)
         best[0] = 0.0
@@ -154,7 +179,31 @@ def optimal_key_steps(num_keys: int, reuse: np.ndarray,
     return tuple(reversed(keys)), float(total[k1, k2])
 
 
-def schedule_cost(keys: Sequence[int], reuse: np.ndarray, pairs: np.ndarray | None = None) -> float:
+def _optimal_with_triples(num_keys: int, costs: np.ndarray, pair_costs: np.ndarray,
+                          triples: np.ndarray) -> tuple[tuple[int, ...], float]:
+    """``optimal_key_steps`` with the last three keys as the state (``num_keys`` >= 3)."""
+    n = triples.shape[0]
+    steps = np.arange(n)
+    k1, k2, k3 = np.meshgrid(steps, steps, steps, indexing="ij")
+    triple_costs = _triple_costs(triples)
+    # state[k1, k2, k3]: least error of the steps before k3 with 0 = k1 < k2 < k3 the first three keys
+    state = np.where((k1 == 0) & (k1 < k2) & (k2 < k3), costs[0][k2] + pair_costs[0][k2, k3], np.inf)
+    later = steps[None, None, :, None] < steps[None, None, None, :]  # k3 < b
+    choices = []
+    for _ in range(num_keys - 3):
+        candidates = np.where(later, state[..., None] + triple_costs[..., :n], np.inf)
+        choices.append(candidates.argmin(axis=0))  # best k1 for each (k2, k3, b)
+        state = candidates.min(axis=0)
+    total = state + triple_costs[..., n]
+    last = tuple(int(i) for i in np.unravel_index(total.argmin(), total.shape))
+    keys = list(reversed(last))  # newest first
+    for choice in reversed(choices):
+        keys.append(int(choice[keys[-1], keys[-2], keys[-3]]))
+    return tuple(reversed(keys)), float(total[last])
+
+
+def schedule_cost(keys: Sequence[int], reuse: np.ndarray, pairs: np.ndarray | None = None,
+                  triples: np.ndarray | None = None) -> float:
     """The objective of one key set, summed step by step (the definition the optimiser must agree with).
 
     Example:
@@ -169,8 +218,10 @@ def schedule_cost(keys: Sequence[int], reuse: np.ndarray, pairs: np.ndarray | No
         before = [k for k in keys if k < s]
         if pairs is None or len(before) < 2:
             total += float(reuse[before[-1], s])
-        else:
+        elif triples is None or len(before) < 3:
             total += float(pairs[before[-2], before[-1], s])
+        else:
+            total += float(triples[before[-3], before[-2], before[-1], s])
     return total
 
 
@@ -225,9 +276,9 @@ def calibration_key(unet: torch.nn.Module, scheduler: Any, num_steps: int, guida
 class Calibration:
     """The measured error tables of one model, scheduler, loop length and guidance scale.
 
-    ``reuse_mse[k, s]`` and ``pairs_mse[k1, k2, s]`` are the unweighted mean squared errors of the guided
-    prediction (NaN where undefined), ``weights[s]`` the measured ``G(s)`` (module docstring); the objective weighs
-    each step's error by its weight.
+    ``reuse_mse[k, s]``, ``pairs_mse[k1, k2, s]`` and ``triples_mse[k1, k2, k3, s]`` (second order) are the
+    unweighted mean squared errors of the guided prediction (NaN where undefined), ``weights[s]`` the measured
+    ``G(s)`` (module docstring); the objective weighs each step's error by its weight.
     """
 
     key: dict
@@ -237,33 +288,41 @@ class Calibration:
     pairs_mse: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    triples_mse: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
-    def tables(self, estimator: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """The weighted tables the objective of ``estimator`` uses (``pairs`` None: the reuse objective)."""
+    def tables(self, estimator: str, order: int = 1) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The weighted tables ``(reuse, pairs, triples)`` the objective of ``estimator`` (with
+        ``extrapolation_order=order``) uses; ``pairs`` None: the reuse objective, ``triples`` None: order 1."""
+        objective = self.objective(estimator, order)
         reuse = self.reuse_mse * self.weights[None, :]
-        if estimator == "extrapolate" and self.pairs_mse is not None:
-            return reuse, self.pairs_mse * self.weights[None, None, :]
-        return reuse, None
+        pairs = self.pairs_mse * self.weights[None, None, :] if objective != "reuse" else None
+        triples = self.triples_mse * self.weights[None, None, None, :] if objective == "extrapolate2" else None
+        return reuse, pairs, triples
 
-    def objective(self, estimator: str) -> str:
-        """The objective ``estimator`` is calibrated for with these tables: ``"reuse"`` or ``"extrapolate"``."""
-        return "extrapolate" if estimator == "extrapolate" and self.pairs_mse is not None else "reuse"
+    def objective(self, estimator: str, order: int = 1) -> str:
+        """The objective ``estimator`` (with ``extrapolation_order=order``) is calibrated for with these tables:
+        ``"reuse"``, ``"extrapolate"`` (order 1) or ``"extrapolate2"`` (order 2)."""
+        if estimator != "extrapolate" or self.pairs_mse is None:
+            return "reuse"
+        return "extrapolate2" if order == 2 and self.triples_mse is not None else "extrapolate"
 
-    def solve(self, num_keys: int, estimator: str = "reuse") -> tuple[int, ...]:
-        """The optimal ``num_keys`` key steps for ``estimator``'s objective."""
-        if estimator != self.objective(estimator):
-            logger.debug("tiec: key_steps calibrated for estimator=%r with the reuse objective (%s)", estimator,
-                         "not modelled exactly" if estimator != "extrapolate" else
-                         f"no extrapolate table for {self.num_steps} steps")
-        return optimal_key_steps(num_keys, *self.tables(estimator))[0]
+    def solve(self, num_keys: int, estimator: str = "reuse", order: int = 1) -> tuple[int, ...]:
+        """The optimal ``num_keys`` key steps for the objective of ``estimator`` (``extrapolation_order=order``)."""
+        wanted = "reuse" if estimator != "extrapolate" else "extrapolate2" if order == 2 else "extrapolate"
+        found = self.objective(estimator, order)
+        if found != wanted:
+            logger.info("tiec: key_steps for estimator=%r, extrapolation_order=%d calibrated with the %s objective "
+                        "(%s)", estimator, order, found, "not modelled exactly" if wanted == "reuse" else
+                        f"no {wanted} table for {self.num_steps} steps")
+        return optimal_key_steps(num_keys, *self.tables(estimator, order))[0]
 
-    def cost(self, keys: Sequence[int], estimator: str = "reuse") -> float:
+    def cost(self, keys: Sequence[int], estimator: str = "reuse", order: int = 1) -> float:
         """The objective of any key set (to compare ``auto:K`` with ``uniform:K`` or ``faster-diffusion``)."""
-        return schedule_cost(keys, *self.tables(estimator))
+        return schedule_cost(keys, *self.tables(estimator, order))
 
     def to_json(self) -> dict:
         n = self.num_steps
@@ -272,19 +331,28 @@ class Calibration:
                 "meta": self.meta}
         if self.pairs_mse is not None:  # k1 < k2 < s in lexicographic order
             data["extrapolate_mse"] = [float(self.pairs_mse[t]) for t in itertools.combinations(range(n), 3)]
+        if self.triples_mse is not None:  # k1 < k2 < k3 < s in lexicographic order
+            data["extrapolate2_mse"] = [float(self.triples_mse[t]) for t in itertools.combinations(range(n), 4)]
         return data
 
     @classmethod
     def from_json(cls, data: dict, path: Path | None = None) -> "Calibration":
         n = len(data["timesteps"])
         reuse = np.array([[np.nan if v is None else v for v in row] for row in data["reuse_mse"]], dtype=np.float64)
-        pairs = None
-        if data.get("extrapolate_mse") is not None:
-            pairs = np.full((n, n, n), np.nan)
-            for t, value in zip(itertools.combinations(range(n), 3), data["extrapolate_mse"]):
-                pairs[t] = value
+        pairs, triples = (_from_combinations(n, 3, data.get("extrapolate_mse")),
+                          _from_combinations(n, 4, data.get("extrapolate2_mse")))
         return cls(data["key"], list(data["timesteps"]), np.asarray(data["weights"], dtype=np.float64), reuse, pairs,
-                   data.get("meta", {}), path)
+                   data.get("meta", {}), path, triples)
+
+
+def _from_combinations(n: int, r: int, values: list[float] | None) -> np.ndarray | None:
+    """The (n,) * r array with ``values`` at the increasing index tuples in lexicographic order, NaN elsewhere."""
+    if values is None:
+        return None
+    table = np.full((n,) * r, np.nan)
+    for t, value in zip(itertools.combinations(range(n), r), values, strict=True):
+        table[t] = value
+    return table
 
 
 def load(key: dict, cache_dir: str | os.PathLike | None = None) -> Calibration | None:
@@ -482,7 +550,8 @@ def calibration_prompts(pipe: Any, prompts: Sequence[str] | None, num_samples: i
 def measure(pipe: Any, num_steps: int, estimator: str = "reuse", prompts: Sequence[str] | None = None,
             num_samples: int = DEFAULT_NUM_SAMPLES, *, guidance_scale: float | None = None,
             pipeline_kwargs: dict | None = None, batch_size: int = 4, decode_batch: int = 64,
-            max_pair_steps: int | None = None, progress: bool = True) -> Calibration:
+            max_pair_steps: int | None = None, progress: bool = True, extrapolation_order: int = 1,
+            max_triple_steps: int | None = None) -> Calibration:
     """Run the plain sampler on the calibration samples and measure the error tables and weights (no store).
 
     ``batch_size`` samples run per pipeline call (the encoder features of every step of one call are held in
@@ -528,20 +597,26 @@ def measure(pipe: Any, num_steps: int, estimator: str = "reuse", prompts: Sequen
                 if n < 1:
                     raise RuntimeError("the pipeline never called its UNet")
                 timesteps = [s.timestep for s in steps]
-                with_pairs = _wants_pairs(estimator, n, pipe.unet, max_pair_steps)
+                with_pairs, with_triples = _wanted_tables(estimator, extrapolation_order, n, pipe.unet,
+                                                          max_pair_steps, max_triple_steps)
                 if estimator == "extrapolate" and not with_pairs:
                     logger.info("tiec: calibrating with the reuse objective: the extrapolate table of %d steps "
                                 "(C(n, 3) decodes) is measured up to max_pair_steps=%s", n,
                                 _pair_limit(pipe.unet, max_pair_steps))
+                elif estimator == "extrapolate" and extrapolation_order == 2 and not with_triples:
+                    logger.info("tiec: calibrating order 2 with the order-1 objective: the second-order table of %d "
+                                "steps (C(n, 4) decodes) is measured up to max_triple_steps=%s", n,
+                                _triple_limit(pipe.unet, max_triple_steps))
                 sums = {"reuse": np.zeros((n, n)), "pairs": np.zeros((n, n, n)) if with_pairs else None,
-                        "final": np.zeros(n)}
+                        "triples": np.zeros((n,) * 4) if with_triples else None, "final": np.zeros(n)}
                 batches = -(-num_samples // batch_size)
-                total = batches * (n * (n - 1) // 2 + (math.comb(n, 3) if with_pairs else 0) + (n - 1) * (n - 2) // 2)
+                total = batches * (n * (n - 1) // 2 + (math.comb(n, 3) if with_pairs else 0)
+                                   + (math.comb(n, 4) if with_triples else 0) + (n - 1) * (n - 2) // 2)
                 bar = tqdm(total=total, desc="tiec calibrate", unit="eval", disable=not progress, leave=False)
             elif [s.timestep for s in steps] != timesteps:
                 raise RuntimeError("the calibration runs iterated different timesteps")
             with torch.no_grad():
-                one_step = _accumulate(recorder, steps, sums["reuse"], sums["pairs"], len(indices), decode_batch, bar)
+                one_step = _accumulate(recorder, steps, sums, len(indices), decode_batch, bar)
             # G(s): replay the run with step s's prediction replaced by its one-step reuse estimate
             for s in range(1, n):
                 recorder.replay = {i: steps[i].raw for i in range(s)}
@@ -558,11 +633,15 @@ def measure(pipe: Any, num_steps: int, estimator: str = "reuse", prompts: Sequen
     n = len(timesteps)
     reuse_mse = sums["reuse"] / num_samples
     reuse_mse[np.tril_indices(n)] = np.nan
-    pairs_mse = None
+    pairs_mse, triples_mse = None, None
     if sums["pairs"] is not None:
         pairs_mse = sums["pairs"] / num_samples
         k1, k2, s = np.meshgrid(np.arange(n), np.arange(n), np.arange(n), indexing="ij")
         pairs_mse[~((k1 < k2) & (k2 < s))] = np.nan
+    if sums["triples"] is not None:
+        triples_mse = sums["triples"] / num_samples
+        k1, k2, k3, s = np.meshgrid(*[np.arange(n)] * 4, indexing="ij")
+        triples_mse[~((k1 < k2) & (k2 < k3) & (k3 < s))] = np.nan
     one_step_mse = np.array([0.0] + [reuse_mse[s - 1, s] for s in range(1, n)])
     weights = np.divide(sums["final"] / num_samples, one_step_mse, out=np.zeros(n), where=one_step_mse > 0)
     scale = recorder.guidance[0] if recorder.guidance else None
@@ -572,36 +651,48 @@ def measure(pipe: Any, num_steps: int, estimator: str = "reuse", prompts: Sequen
             "inputs": _inputs_digest(sample_prompts, num_samples, pipeline_kwargs, guidance_scale),
             "guidance_rescale": recorder.guidance[1] if recorder.guidance else 0.0,
             "max_pair_steps": _pair_limit(pipe.unet, max_pair_steps),
+            "max_triple_steps": _triple_limit(pipe.unet, max_triple_steps),
             "final_mse": (sums["final"] / num_samples).tolist()}
-    return Calibration(key, timesteps, weights, reuse_mse, pairs_mse, meta)
+    return Calibration(key, timesteps, weights, reuse_mse, pairs_mse, meta, triples_mse=triples_mse)
 
 
-def _accumulate(recorder: _Recorder, steps: list[_Step], reuse_sum: np.ndarray, pairs_sum: np.ndarray | None,
-                count: int, decode_batch: int, bar: Any) -> dict[int, torch.Tensor]:
-    """Add ``count`` times this batch's errors of every (key, step) and (key, key, step) to the sums; returns the
-    whole output of each step ``s`` decoded from ``F(s - 1)`` (its one-step reuse estimate)."""
+def _accumulate(recorder: _Recorder, steps: list[_Step], sums: dict[str, Any], count: int, decode_batch: int,
+                bar: Any) -> dict[int, torch.Tensor]:
+    """Add ``count`` times this batch's errors of every (key, step), (key, key, step) and (key, key, key, step) to
+    ``sums["reuse"]``, ``sums["pairs"]`` and ``sums["triples"]`` (the last two where not None); returns the whole
+    output of each step ``s`` decoded from ``F(s - 1)`` (its one-step reuse estimate)."""
     times = [s.timestep for s in steps]
+    features = [s.features for s in steps]
     one_step = {}
     for s in range(1, len(steps)):
-        errors, one_step[s] = recorder.decode_errors(steps[s], [steps[k].features for k in range(s)], decode_batch,
-                                                     keep=s - 1)
-        reuse_sum[:s, s] += count * np.asarray(errors)
+        errors, one_step[s] = recorder.decode_errors(steps[s], features[:s], decode_batch, keep=s - 1)
+        sums["reuse"][:s, s] += count * np.asarray(errors)
         if bar is not None:
             bar.update(s)
-        if pairs_sum is None or s < 2:
-            continue
-        triples = list(itertools.combinations(range(s), 2))
-        per_call = max(1, decode_batch // steps[s].call["sample"].shape[0])
-        for i in range(0, len(triples), per_call):  # blends made per decoder call: few feature sets in memory
-            chunk = triples[i:i + per_call]
-            candidates = [estimators.reuse(steps[k2].features) if times[k1] == times[k2] else
-                          estimators.extrapolate(steps[k1].features, steps[k2].features, times[k1], times[k2], times[s])
-                          for k1, k2 in chunk]
-            for (k1, k2), error in zip(chunk, recorder.decode_errors(steps[s], candidates, decode_batch)[0]):
-                pairs_sum[k1, k2, s] += count * error
-            if bar is not None:
-                bar.update(len(chunk))
+        for table, r in ((sums["pairs"], 2), (sums["triples"], 3)):
+            if table is None or s < r:
+                continue
+            keys = list(itertools.combinations(range(s), r))
+            per_call = max(1, decode_batch // steps[s].call["sample"].shape[0])
+            for i in range(0, len(keys), per_call):  # estimates made per decoder call: few feature sets in memory
+                chunk = keys[i:i + per_call]
+                candidates = [_forecast(features, times, last, s) for last in chunk]
+                for last, error in zip(chunk, recorder.decode_errors(steps[s], candidates, decode_batch)[0]):
+                    table[(*last, s)] += count * error
+                if bar is not None:
+                    bar.update(len(chunk))
     return one_step
+
+
+def _forecast(features: list[Features], times: list[float], keys: tuple[int, ...], s: int) -> Features:
+    """Step ``s``'s features estimated from the last keys ``keys`` as ``EncoderPropagation`` forms them: the line
+    through two, the quadratic through three (in ``t``); repeated timesteps drop the older key."""
+    keys = tuple(k for i, k in enumerate(keys) if all(times[k] != times[j] for j in keys[i + 1:]))
+    if len(keys) == 3:
+        return estimators.extrapolate_quadratic(*(features[k] for k in keys), *(times[k] for k in keys), times[s])
+    if len(keys) == 2:
+        return estimators.extrapolate(features[keys[0]], features[keys[1]], times[keys[0]], times[keys[1]], times[s])
+    return estimators.reuse(features[keys[-1]])
 
 
 def _pair_limit(unet: torch.nn.Module, max_pair_steps: int | None = None) -> int | None:
@@ -612,9 +703,29 @@ def _pair_limit(unet: torch.nn.Module, max_pair_steps: int | None = None) -> int
     return None if device.type == "cuda" else EXACT_PAIR_MAX_STEPS
 
 
-def _wants_pairs(estimator: str, num_steps: int, unet: torch.nn.Module, max_pair_steps: int | None = None) -> bool:
+def _triple_limit(unet: torch.nn.Module, max_triple_steps: int | None = None) -> int:
+    """``max_triple_steps``, or by default 20 where the UNet is on a CPU and 30 on a GPU."""
+    if max_triple_steps is not None:
+        return max_triple_steps
+    device = next((p.device for p in unet.parameters()), torch.device("cpu"))
+    return EXACT_TRIPLE_MAX_STEPS["gpu" if device.type == "cuda" else "cpu"]
+
+
+def _wanted_tables(estimator: str, order: int, num_steps: int, unet: torch.nn.Module,
+                   max_pair_steps: int | None = None, max_triple_steps: int | None = None) -> tuple[bool, bool]:
+    """Whether calibrating ``estimator`` (``extrapolation_order=order``) at ``num_steps`` steps measures the pairs
+    table and the triples table (the triples need the pairs: the stretch after the first two keys)."""
     limit = _pair_limit(unet, max_pair_steps)
-    return estimator == "extrapolate" and num_steps >= 3 and (limit is None or num_steps <= limit)
+    triples = (estimator == "extrapolate" and order == 2 and num_steps >= 4
+               and num_steps <= _triple_limit(unet, max_triple_steps))
+    pairs = triples or (estimator == "extrapolate" and num_steps >= 3 and (limit is None or num_steps <= limit))
+    return pairs, triples
+
+
+def _complete(found: Calibration | None, wanted: tuple[bool, bool]) -> bool:
+    """Whether ``found`` holds every table ``wanted`` (``_wanted_tables``) asks for."""
+    return found is not None and (found.pairs_mse is not None or not wanted[0]) and \
+        (found.triples_mse is not None or not wanted[1])
 
 
 def _inputs_digest(prompts: Any, num_samples: int, pipeline_kwargs: dict, guidance_scale: float | None) -> str:
@@ -632,8 +743,12 @@ def calibration_for(pipe: Any, num_steps: int, estimator: str = "reuse", prompts
                     num_samples: int = DEFAULT_NUM_SAMPLES, *, guidance_scale: float | None = None,
                     pipeline_kwargs: dict | None = None, cache_dir: str | os.PathLike | None = None,
                     recompute: bool = False, max_pair_steps: int | None = None,
-                    batch_size: int = 4, decode_batch: int = 64, progress: bool = True) -> Calibration:
+                    batch_size: int = 4, decode_batch: int = 64, progress: bool = True,
+                    extrapolation_order: int = 1, max_triple_steps: int | None = None) -> Calibration:
     """The stored calibration made with these very inputs, else a new one, measured and stored.
+
+    ``extrapolation_order=2`` (with ``estimator="extrapolate"``) also measures the second-order table, up to
+    ``max_triple_steps`` steps (module docstring).
 
     Example:
         >>> calibration = calibration_for(pipe, 8, num_samples=2, progress=False)   # small, for the example
@@ -644,6 +759,7 @@ def calibration_for(pipe: Any, num_steps: int, estimator: str = "reuse", prompts
     _check_counts(num_steps=num_steps, num_samples=num_samples, batch_size=batch_size, decode_batch=decode_batch)
     if estimator not in estimators.ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} is not known; use one of {list(estimators.ESTIMATORS)}")
+    _check_order(extrapolation_order)
     if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
         raise ValueError(f"calibration needs a pipeline with .unet and .scheduler, got {type(pipe).__name__}")
     if guidance_scale is None:
@@ -653,13 +769,14 @@ def calibration_for(pipe: Any, num_steps: int, estimator: str = "reuse", prompts
         found = load(calibration_key(pipe.unet, pipe.scheduler, num_steps, guided), cache_dir)
         inputs = _inputs_digest(calibration_prompts(pipe, prompts, num_samples, pipeline_kwargs), num_samples,
                                 dict(pipeline_kwargs or {}), guidance_scale)
-        wants_pairs = _wants_pairs(estimator, num_steps, pipe.unet, max_pair_steps)
-        complete = found is not None and (found.pairs_mse is not None or not wants_pairs)
-        if complete and found.meta.get("inputs") == inputs:
+        wanted = _wanted_tables(estimator, extrapolation_order, num_steps, pipe.unet, max_pair_steps,
+                                max_triple_steps)
+        if _complete(found, wanted) and found.meta.get("inputs") == inputs:
             return found
     calibration = measure(pipe, num_steps, estimator, prompts, num_samples, guidance_scale=guidance_scale,
                           pipeline_kwargs=pipeline_kwargs, batch_size=batch_size, decode_batch=decode_batch,
-                          max_pair_steps=max_pair_steps, progress=progress)
+                          max_pair_steps=max_pair_steps, progress=progress, extrapolation_order=extrapolation_order,
+                          max_triple_steps=max_triple_steps)
     store(calibration, cache_dir)
     return calibration
 
@@ -672,7 +789,8 @@ def calibrate(pipe: Any, num_steps: int, num_keys: int, estimator: str = "reuse"
     Measured once on the plain sampler (seeds ``CALIBRATION_SEED + i``), stored, and reused by ``key_steps="auto:K"``.
     ``options``: ``guidance_scale``, ``pipeline_kwargs`` (extra arguments of every calibration call, e.g.
     ``prompt_embeds`` or ``height``), ``cache_dir``, ``recompute``, ``max_pair_steps``, ``batch_size``,
-    ``decode_batch``, ``progress`` (see ``calibration_for``).
+    ``decode_batch``, ``progress``, ``extrapolation_order`` (2: the second-order objective), ``max_triple_steps``
+    (see ``calibration_for``).
 
     Example:
         >>> keys = calibrate(pipe, 8, 4, num_samples=2, progress=False)   # small, for the example
@@ -684,7 +802,12 @@ def calibrate(pipe: Any, num_steps: int, num_keys: int, estimator: str = "reuse"
     calibration = calibration_for(pipe, num_steps, estimator, prompts, num_samples, **options)
     if num_keys > calibration.num_steps:
         raise ValueError(f"num_keys={num_keys} exceeds the loop's {calibration.num_steps} steps")
-    return list(calibration.solve(num_keys, estimator))
+    return list(calibration.solve(num_keys, estimator, options.get("extrapolation_order", 1)))
+
+
+def _check_order(order: Any) -> None:
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ValueError(f"extrapolation_order={order!r} must be 1 (linear) or 2 (quadratic)")
 
 
 def _check_counts(**values: Any) -> None:
@@ -694,9 +817,11 @@ def _check_counts(**values: Any) -> None:
 
 
 def resolve_auto(num_keys: int, num_steps: int, pipe: Any = None, unet: torch.nn.Module | None = None,
-                 estimator: str = "reuse", cache_dir: str | os.PathLike | None = None) -> tuple[int, ...]:
+                 estimator: str = "reuse", cache_dir: str | os.PathLike | None = None,
+                 extrapolation_order: int = 1) -> tuple[int, ...]:
     """The key steps of ``key_steps="auto:K"``: from the stored calibration of this model, scheduler, loop length
-    and guidance scale; measured now (with a progress bar) and stored for the demo model when none exists.
+    and guidance scale, for the objective of ``estimator`` and ``extrapolation_order``; measured now (with a
+    progress bar) and stored for the demo model when none exists (or lacks the table that objective needs).
 
     A bare UNet (no scheduler) uses the one stored calibration of its weights at this loop length.
     """
@@ -714,14 +839,14 @@ def resolve_auto(num_keys: int, num_steps: int, pipe: Any = None, unet: torch.nn
             raise ValueError(f"{spec}: {len(found)} stored calibrations of this UNet at {num_steps} steps (other "
                              f"schedulers or guidance scales: {[c.path.name for c in found]}); a bare UNet cannot "
                              f"tell which applies: pass tiec.schedules.calibrate(pipe, ...)'s key steps instead")
-        return found[0].solve(num_keys, estimator)
+        return found[0].solve(num_keys, estimator, extrapolation_order)
     from .propagation import _guidance_scale
 
     guidance = _guidance_scale(pipe)
     found = load(calibration_key(pipe.unet, pipe.scheduler, num_steps, guidance), cache_dir)
-    wants_pairs = _wants_pairs(estimator, num_steps, pipe.unet)
-    if found is not None and (found.pairs_mse is not None or not wants_pairs or not _is_demo(pipe)):
-        return _check_loop(found, pipe.scheduler, spec).solve(num_keys, estimator)
+    wanted = _wanted_tables(estimator, extrapolation_order, num_steps, pipe.unet)
+    if found is not None and (_complete(found, wanted) or not _is_demo(pipe)):
+        return _check_loop(found, pipe.scheduler, spec).solve(num_keys, estimator, extrapolation_order)
     if not _is_demo(pipe):
         raise ValueError(f"{spec}: no stored calibration for this model, {type(pipe.scheduler).__name__} and "
                          f"{num_steps} steps (guidance {guidance}), and only the demo model has built-in calibration "
@@ -729,13 +854,14 @@ def resolve_auto(num_keys: int, num_steps: int, pipe: Any = None, unet: torch.nn
                          f"`tiec calibrate --model FOLDER --steps {num_steps} --prompts FILE` once")
     logger.info("tiec: %s: calibrating %s at %d steps (first use; stored for later runs)", spec,
                 type(pipe.scheduler).__name__, num_steps)
-    calibration = measure(pipe, num_steps, estimator, guidance_scale=guidance if guidance is not None else 1.0)
+    calibration = measure(pipe, num_steps, estimator, guidance_scale=guidance if guidance is not None else 1.0,
+                          extrapolation_order=extrapolation_order)
     if calibration.num_steps != num_steps:
         raise ValueError(f"{spec}: this pipeline's loop has {num_steps} steps, but a plain call with "
                          f"num_inference_steps={num_steps} runs {calibration.num_steps}; calibrate it with "
                          f"tiec.schedules.calibrate and pass the key steps explicitly")
     store(calibration, cache_dir)
-    return _check_loop(calibration, pipe.scheduler, spec).solve(num_keys, estimator)
+    return _check_loop(calibration, pipe.scheduler, spec).solve(num_keys, estimator, extrapolation_order)
 
 
 def _check_loop(calibration: Calibration, scheduler: Any, spec: str) -> Calibration:

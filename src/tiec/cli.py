@@ -383,7 +383,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from . import schedules
     from .calibrate import calibration_for
 
-    _check_positive(args, "steps", "keys", "num_samples", "threads", "max_pair_steps")
+    _check_positive(args, "steps", "keys", "num_samples", "threads", "max_pair_steps", "max_triple_steps")
     if args.keys > args.steps:
         raise ValueError(f"--keys {args.keys}: at most --steps {args.steps} key steps")
     device = check_device(args.device)
@@ -402,18 +402,20 @@ def _calibrate(args: argparse.Namespace) -> int:
         pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
     calibration = calibration_for(pipe, args.steps, args.estimator, prompts, args.num_samples,
                                   guidance_scale=args.guidance, cache_dir=args.cache_dir, recompute=args.recompute,
-                                  max_pair_steps=args.max_pair_steps, progress=not args.no_progress)
+                                  max_pair_steps=args.max_pair_steps, progress=not args.no_progress,
+                                  extrapolation_order=args.order, max_triple_steps=args.max_triple_steps)
     if args.keys > calibration.num_steps:
         raise ValueError(f"--keys {args.keys}: this loop has {calibration.num_steps} steps")
-    keys = calibration.solve(args.keys, args.estimator)
-    objective = calibration.objective(args.estimator)
+    order = args.order
+    keys = calibration.solve(args.keys, args.estimator, order)
+    objective = calibration.objective(args.estimator, order)
     n = calibration.num_steps
     print(f"key steps ({args.keys} of {n}, {type(pipe.scheduler).__name__}, {objective} objective): "
           f"{','.join(str(k) for k in keys)}")
     rivals = [f"uniform:{args.keys}"] + (["faster-diffusion"] if len(schedules.resolve("faster-diffusion", n))
                                          == args.keys else [])
-    costs = [f"auto:{args.keys} {calibration.cost(keys, args.estimator):.4g}"]
-    costs += [f"{spec} {calibration.cost(schedules.resolve(spec, n), args.estimator):.4g}" for spec in rivals]
+    costs = [f"auto:{args.keys} {calibration.cost(keys, args.estimator, order):.4g}"]
+    costs += [f"{spec} {calibration.cost(schedules.resolve(spec, n), args.estimator, order):.4g}" for spec in rivals]
     print(f"objective (weighted squared error of the non-key steps, lower is better): {'; '.join(costs)}")
     print(f"stored in {calibration.path}; key_steps='auto:{args.keys}' uses it")
     return 0
@@ -537,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", type=int, default=9, help="number of key steps K (step 0 included)")
     p.add_argument("--estimator", choices=("reuse", "extrapolate", "interpolate"), default="reuse",
                    help="the estimator whose error is minimised (interpolate: the reuse objective)")
+    p.add_argument("--order", type=int, choices=(1, 2), default=1, help="extrapolation_order of extrapolate (2: "
+                   "the quadratic through the last three key steps, its own objective)")
     p.add_argument("--sampler", choices=("ddim", "dpm"), default=None, help="scheduler (default: the pipeline's "
                    "own; dpm: DPM-Solver++ from its config, as tiec bench builds it)")
     p.add_argument("--num-samples", type=int, default=8, help="calibration samples (seeds 1000000 + i)")
@@ -545,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     p.add_argument("--max-pair-steps", type=int, default=None, help="measure the extrapolate table (C(n,3) "
                    "decodes per sample) up to this many steps (default: 30 on a CPU, no bound on a GPU)")
+    p.add_argument("--max-triple-steps", type=int, default=None, help="with --order 2: measure the second-order "
+                   "table (C(n,4) decodes per sample) up to this many steps (default: 20 on a CPU, 30 on a GPU)")
     p.add_argument("--cache-dir", default=None, help="where calibrations are stored (default "
                    "$TIEC_CACHE_DIR/calibration or ~/.cache/tiec/calibration)")
     p.add_argument("--recompute", action="store_true", help="measure again even if a stored calibration matches")

@@ -160,7 +160,8 @@ class _Run:
         spec = config.key_steps
         if isinstance(spec, tuple):  # a list is read on the loop that runs (denoising_end, img2img): drop the rest
             spec = tuple(k for k in spec if k < num_steps)
-        self.key_steps = schedules.resolve(spec, num_steps, pipe=pipe, unet=unet, estimator=config.estimator)
+        self.key_steps = schedules.resolve(spec, num_steps, pipe=pipe, unet=unet, estimator=config.estimator,
+                                           extrapolation_order=config.extrapolation_order)
         self.key_set = frozenset(self.key_steps)
         self.adaptive = schedules.adaptive_threshold(config.key_steps)  # None, or T: keys chosen during the run
         self.cursor = StepCursor(timeline, ("unet", "controlnet"))

@@ -145,11 +145,11 @@ def check(spec: KeyStepSpec, num_steps: int) -> None:
 
 
 def resolve(spec: KeyStepSpec, num_steps: int, *, pipe: Any = None, unet: Any = None,
-            estimator: str = "reuse") -> tuple[int, ...]:
+            estimator: str = "reuse", extrapolation_order: int = 1) -> tuple[int, ...]:
     """The key steps of a loop of ``num_steps`` UNet calls, as a sorted tuple starting with 0.
 
-    ``pipe`` (or, for a bare UNet, ``unet``) and ``estimator`` are read by ``"auto:K"`` only: the calibration
-    of that model and scheduler, for that estimator's objective.
+    ``pipe`` (or, for a bare UNet, ``unet``), ``estimator`` and ``extrapolation_order`` are read by ``"auto:K"``
+    only: the calibration of that model and scheduler, for that estimator's objective.
 
     Example:
         >>> resolve("faster-diffusion", 50)
@@ -175,7 +175,8 @@ def resolve(spec: KeyStepSpec, num_steps: int, *, pipe: Any = None, unet: Any = 
     if isinstance(spec, str) and spec.startswith("auto:"):
         from .calibrate import resolve_auto
 
-        return resolve_auto(_auto_count(spec, num_steps), num_steps, pipe=pipe, unet=unet, estimator=estimator)
+        return resolve_auto(_auto_count(spec, num_steps), num_steps, pipe=pipe, unet=unet, estimator=estimator,
+                            extrapolation_order=extrapolation_order)
     if isinstance(spec, str):
         return tuple(range(0, num_steps, _parse_count(spec, "every:")))
     if spec[-1] >= num_steps:
