@@ -88,6 +88,17 @@ def test_pair_objective_uses_reuse_after_the_first_key_only():
         C.optimal_key_steps(6, reuse)
 
 
+def test_a_loop_with_repeated_timesteps_is_complete_without_the_triples_table():
+    """Heun-like loops repeat timesteps: measure() skips the second-order table there, so a stored calibration
+    without it must count as complete (else order 2 would measure again on every use)."""
+    n = 5
+    calibration = C.Calibration({}, [999.0, 800.0, 800.0, 600.0, 600.0], np.ones(n), np.zeros((n, n)),
+                                np.zeros((n, n, n)))
+    assert C._complete(calibration, (True, True)) and calibration.objective("extrapolate", 2) == "extrapolate"
+    calibration.timesteps = [999.0, 800.0, 700.0, 600.0, 500.0]
+    assert not C._complete(calibration, (True, True)) and C._complete(calibration, (True, False))
+
+
 def test_last_step_weight_is_the_sampler_coefficient(tmp_path):
     """After the last step nothing corrects a displacement: G(n-1) is DDIM's coefficient of eps in x_n, squared."""
     pipe = make_pipe("sd")

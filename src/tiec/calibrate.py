@@ -599,6 +599,11 @@ def measure(pipe: Any, num_steps: int, estimator: str = "reuse", prompts: Sequen
                 timesteps = [s.timestep for s in steps]
                 with_pairs, with_triples = _wanted_tables(estimator, extrapolation_order, n, pipe.unet,
                                                           max_pair_steps, max_triple_steps)
+                if with_triples and len(set(timesteps)) < n:
+                    with_triples = False
+                    logger.info("tiec: calibrating order 2 with the order-1 objective: this loop repeats timesteps "
+                                "(%s), where the last three key steps do not determine the forecast",
+                                type(pipe.scheduler).__name__)
                 if estimator == "extrapolate" and not with_pairs:
                     logger.info("tiec: calibrating with the reuse objective: the extrapolate table of %d steps "
                                 "(C(n, 3) decodes) is measured up to max_pair_steps=%s", n,
@@ -686,7 +691,9 @@ def _accumulate(recorder: _Recorder, steps: list[_Step], sums: dict[str, Any], c
 
 def _forecast(features: list[Features], times: list[float], keys: tuple[int, ...], s: int) -> Features:
     """Step ``s``'s features estimated from the last keys ``keys`` as ``EncoderPropagation`` forms them: the line
-    through two, the quadratic through three (in ``t``); repeated timesteps drop the older key."""
+    through two, the quadratic through three (in ``t``). Where timesteps repeat (Heun, KDPM2) the older of two keys
+    at one timestep is dropped; the run then uses a key before ``keys`` instead, which the tables cannot hold: the
+    pairs table approximates there, and no triples table is measured (``measure``)."""
     keys = tuple(k for i, k in enumerate(keys) if all(times[k] != times[j] for j in keys[i + 1:]))
     if len(keys) == 3:
         return estimators.extrapolate_quadratic(*(features[k] for k in keys), *(times[k] for k in keys), times[s])
@@ -724,8 +731,9 @@ def _wanted_tables(estimator: str, order: int, num_steps: int, unet: torch.nn.Mo
 
 def _complete(found: Calibration | None, wanted: tuple[bool, bool]) -> bool:
     """Whether ``found`` holds every table ``wanted`` (``_wanted_tables``) asks for."""
+    repeats = found is not None and len(set(found.timesteps)) < found.num_steps  # no triples table (measure)
     return found is not None and (found.pairs_mse is not None or not wanted[0]) and \
-        (found.triples_mse is not None or not wanted[1])
+        (found.triples_mse is not None or not wanted[1] or repeats)
 
 
 def _inputs_digest(prompts: Any, num_samples: int, pipeline_kwargs: dict, guidance_scale: float | None) -> str:

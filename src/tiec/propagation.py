@@ -54,7 +54,8 @@ class EncoderPropagationConfig:
             scheduler; needs a pipeline) or ``"step"`` (the step index).
         extrapolation_order: 1 (default: the line through the last two key steps) or 2 (the quadratic through
             the last three; order 1 until three key steps exist). Used wherever the estimators extrapolate
-            (``extrapolate``, and ``interpolate`` after the last key step). ``max_extrapolation`` bounds order 1 only.
+            (``extrapolate``, and ``interpolate`` after the last key step). ``max_extrapolation`` bounds the line only
+            (order 1, and order 2 while two key steps exist), not the quadratic.
         max_extrapolation: bound on the magnitude of the negative weight of ``extrapolate`` (None: no
             bound). Smaller values stay closer to ``reuse`` far from the last key step.
         encoder_blocks: transformers and ``tiec.BlockModel`` only: the encoder is the first ``k`` blocks of the

@@ -78,9 +78,9 @@ class TokenMergingConfig:
 
 
 def first_attention_downsample(unet: torch.nn.Module) -> int | None:
-    """How many times (per side) ``unet``'s highest-resolution transformer blocks are downsampled: the
-    ``max_downsample`` that merges there. 1 on SD1.5, 2 on SDXL (its first level has no attention); None
-    where the down blocks hold no transformer block.
+    """The downsampling factor (per side, 1 = the latent's own resolution) of ``unet``'s highest-resolution
+    transformer blocks: the ``max_downsample`` that merges there. 1 on SD1.5, 2 on SDXL (its first level has no
+    attention); None where the down blocks hold no transformer block.
 
     Example:
         >>> from diffusers import UNet2DConditionModel
@@ -180,8 +180,8 @@ class TokenMerging(Part):
             hint = f"; this UNet's first attention level is downsampled {level}x: max_downsample={level}" \
                 if level else ""
             warnings.warn(f"ToMe merged nothing in this UNet call: none of its {ran} transformer block evaluations "
-                          f"runs at a resolution downsampled at most max_downsample={self.config.max_downsample} "
-                          f"times{hint}", stacklevel=2)
+                          f"runs at a resolution at most max_downsample={self.config.max_downsample} times smaller "
+                          f"per side than the latent's{hint}", stacklevel=2)
         return out
 
     def _block_forward(self, inner, *args, **kwargs):
