@@ -706,16 +706,19 @@ def _pair_limit(unet: torch.nn.Module, max_pair_steps: int | None = None) -> int
     """``max_pair_steps``, or by default 30 where the UNet is on a CPU and no bound (None) on a GPU."""
     if max_pair_steps is not None:
         return max_pair_steps
-    device = next((p.device for p in unet.parameters()), torch.device("cpu"))
-    return None if device.type == "cuda" else EXACT_PAIR_MAX_STEPS
+    return None if _on_gpu(unet) else EXACT_PAIR_MAX_STEPS
 
 
 def _triple_limit(unet: torch.nn.Module, max_triple_steps: int | None = None) -> int:
     """``max_triple_steps``, or by default 20 where the UNet is on a CPU and 30 on a GPU."""
     if max_triple_steps is not None:
         return max_triple_steps
-    device = next((p.device for p in unet.parameters()), torch.device("cpu"))
-    return EXACT_TRIPLE_MAX_STEPS["gpu" if device.type == "cuda" else "cpu"]
+    return EXACT_TRIPLE_MAX_STEPS["gpu" if _on_gpu(unet) else "cpu"]
+
+
+def _on_gpu(unet: torch.nn.Module) -> bool:
+    """Whether the UNet's weights are on a CUDA device (the default table limits depend on it)."""
+    return next((p.device for p in unet.parameters()), torch.device("cpu")).type == "cuda"
 
 
 def _wanted_tables(estimator: str, order: int, num_steps: int, unet: torch.nn.Module,

@@ -39,7 +39,7 @@ def blend(f_a: Sequence[torch.Tensor], f_b: Sequence[torch.Tensor], w: float) ->
     """
     def one(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b32 = blend_ends(a, b)
-        return torch.lerp(b32, a, w).to(b.dtype) if b32 is not b else torch.lerp(b, a, w)
+        return torch.lerp(b32, a, w).to(b.dtype)  # no copy where no conversion was made
     return tuple(one(a, b) for a, b in zip(f_a, f_b))
 
 
